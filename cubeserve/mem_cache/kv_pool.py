@@ -1,0 +1,88 @@
+"""Paged KV storage: a request -> token-slot table and per-layer K/V buffers.
+
+Pages hold one token (SGLang's default ``page_size=1``), so the radix cache can share
+prefixes at token granularity. Slot 0 is never handed out: padded batches (CUDA graphs)
+write their dummy K/V there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReqToTokenPool:
+    """Maps (request row, position) -> KV slot."""
+
+    def __init__(self, size: int, max_context_len: int, device: torch.device | str) -> None:
+        self.size = size
+        self.max_context_len = max_context_len
+        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        self._free_rows = list(range(size))
+
+    def available_size(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)
+
+
+class TokenSlotAllocator:
+    """Free list of KV slots, kept on the CPU so allocation never syncs the device."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots  # usable slots, 1..num_slots
+        self._free = torch.arange(1, num_slots + 1, dtype=torch.int64)
+        self._num_free = num_slots
+
+    def available_size(self) -> int:
+        return self._num_free
+
+    def used_size(self) -> int:
+        return self.num_slots - self._num_free
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        if n > self._num_free:
+            return None
+        start = self._num_free - n
+        slots = self._free[start : self._num_free].clone()
+        self._num_free = start
+        return slots
+
+    def free(self, slots: torch.Tensor) -> None:
+        n = int(slots.numel())
+        if n == 0:
+            return
+        slots = slots.to("cpu", torch.int64)
+        if self._num_free + n > self.num_slots:
+            raise RuntimeError("double free of KV slots")
+        self._free[self._num_free : self._num_free + n] = slots
+        self._num_free += n
+
+
+class KVCache:
+    """Per-layer K and V buffers of shape [num_slots + 1, num_kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.dtype = dtype
+
+    def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_buffers[layer_id][slots] = k.to(self.dtype)
+        self.v_buffers[layer_id][slots] = v.to(self.dtype)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8

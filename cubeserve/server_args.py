@@ -1,0 +1,111 @@
+"""All launch options, named after SGLang's ``launch_server`` flags.
+
+``ServerArgs`` is shared by the CLI, the HTTP server and the offline ``Engine`` (which takes
+the same options as keyword arguments: ``Engine(model_path=..., max_total_tokens=4096)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass
+class ServerArgs:
+    model_path: str | None = None  # None: the built-in tiny demo model
+    tokenizer_path: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    context_length: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    max_running_requests: int | None = None
+    max_queued_requests: int = 1024
+    chunked_prefill_size: int = 2048
+    schedule_policy: str = "fcfs"
+    attention_backend: str | None = None
+    tp_size: int = 1
+    enable_torch_compile: bool = False
+    disable_radix_cache: bool = False
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 64
+    random_seed: int = 0
+    allowed_local_media_path: str | None = None
+    max_request_bytes: int = 64 * 1024 * 1024
+    log_level: str = "info"
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"--schedule-policy must be one of {SCHEDULE_POLICIES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"--load-format must be one of {LOAD_FORMATS}")
+        if self.tp_size != 1:
+            raise NotImplementedError(
+                "--tp-size > 1 is not implemented yet: layers are TP-aware, multi-GPU launch is not"
+            )
+        if self.chunked_prefill_size < 1:
+            raise ValueError("--chunked-prefill-size must be >= 1")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError("--mem-fraction-static must be in (0, 1)")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        add = parser.add_argument
+        add("--model-path", "--model", dest="model_path", default=None,
+            help="checkpoint dir (HF or Quicksviewer format); default: built-in demo model")
+        add("--tokenizer-path", default=None)
+        add("--served-model-name", default=None)
+        add("--chat-template", default=None, help="jinja file or built-in name")
+        add("--load-format", default="auto", choices=LOAD_FORMATS)
+        add("--dtype", default="auto", choices=DTYPES)
+        add("--device", default="auto", help="cpu, cuda or auto")
+        add("--context-length", type=int, default=None)
+        add("--host", default="127.0.0.1")
+        add("--port", type=int, default=30000)
+        add("--api-key", default=None)
+        add("--mem-fraction-static", type=float, default=None)
+        add("--max-total-tokens", type=int, default=None)
+        add("--max-running-requests", type=int, default=None)
+        add("--max-queued-requests", type=int, default=1024)
+        add("--chunked-prefill-size", type=int, default=2048)
+        add("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES)
+        add("--attention-backend", default=None, help="torch or triton (default: triton on CUDA)")
+        add("--tp-size", "--tp", dest="tp_size", type=int, default=1)
+        add("--enable-torch-compile", action="store_true")
+        add("--disable-radix-cache", action="store_true")
+        add("--disable-cuda-graph", action="store_true")
+        add("--cuda-graph-max-bs", type=int, default=64)
+        add("--random-seed", type=int, default=0)
+        add("--allowed-local-media-path", default=None)
+        add("--max-request-bytes", type=int, default=64 * 1024 * 1024)
+        add("--log-level", default="info")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise TypeError(f"unknown server args: {sorted(unknown)}")
+        return cls(**kwargs)
