@@ -1,0 +1,368 @@
+"""Triton paged-attention kernels over cubeserve's KV layout (page size 1).
+
+Layer K/V live in ``k_buffer[slot, kv_head, :]``; request ``r``'s slots are
+``req_to_token[r, :seq_len]``. Both kernels read every key through that table, so a cached
+prefix and the tokens written by this forward are read alike.
+
+Decode is flash-decoding: ``_decode_partial_kernel`` splits each request's context into up to
+``max_kv_splits`` chunks, one program per (request, kv head, chunk) serving all q heads of
+the group with one ``tl.dot``; ``_decode_merge_kernel`` combines the chunks by their
+log-sum-exp. The number of chunks of a request is derived from its length inside the kernels,
+so decode needs no per-forward host metadata and replays under CUDA graphs.
+
+With ``TRITON_INTERPRET=1`` set before triton is imported, the kernels run on CPU tensors
+through Triton's interpreter (slow; for tests). The interpreter's bfloat16 arithmetic is
+unreliable, so CPU callers should use fp16 or fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# A request gets one more decode chunk per this many tokens (up to the max_kv_splits cap).
+MIN_TOKENS_PER_SPLIT = 64
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 caches (CPU debugging, tests) keep full precision; 16-bit inputs ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q,
+    K_Buffer,
+    V_Buffer,
+    Req_To_Token,
+    Req_Pool_Indices,
+    Seq_Lens,
+    Partial_Out,
+    Partial_Lse,
+    sm_scale_log2,
+    num_heads,
+    max_kv_splits,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_req,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(Seq_Lens + batch)
+    num_splits = tl.minimum(tl.cdiv(seq_len, MIN_SPLIT), max_kv_splits)
+    split_len = tl.cdiv(seq_len, num_splits)
+    kv_start = split * split_len
+    kv_end = tl.minimum(kv_start + split_len, seq_len)
+    if kv_start >= kv_end:
+        return
+
+    offs_g = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + offs_g
+    mask_h = offs_g < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+
+    token_row = Req_To_Token + tl.load(Req_Pool_Indices + batch) * stride_req
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start_n in range(kv_start, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        slots = tl.load(token_row + offs_n, mask=mask_n, other=0)
+        k = tl.load(
+            K_Buffer + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
+            mask=mask_n[None, :] & mask_d[:, None],
+            other=0.0,
+        )
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale_log2
+        scores = tl.where(mask_n[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_Buffer + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    rows = (batch * num_heads + heads) * max_kv_splits + split
+    tl.store(
+        Partial_Out + rows[:, None] * HEAD_DIM + offs_d[None, :],
+        acc / l_i[:, None],
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
+    tl.store(Partial_Lse + rows, m_i + tl.log2(l_i), mask=mask_h)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    Partial_Out,
+    Partial_Lse,
+    Out,
+    Seq_Lens,
+    num_heads,
+    max_kv_splits,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    head = tl.program_id(1)
+
+    seq_len = tl.load(Seq_Lens + batch)
+    num_splits = tl.minimum(tl.cdiv(seq_len, MIN_SPLIT), max_kv_splits)
+    split_len = tl.cdiv(seq_len, num_splits)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    first_row = (batch * num_heads + head) * max_kv_splits
+
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        if split * split_len < seq_len:  # the partial kernel skipped empty chunks
+            lse = tl.load(Partial_Lse + first_row + split)
+            part = tl.load(Partial_Out + (first_row + split) * HEAD_DIM + offs_d, mask=mask_d)
+            m_new = tl.maximum(m, lse)
+            rescale = tl.exp2(m - m_new)
+            weight = tl.exp2(lse - m_new)
+            acc = acc * rescale + weight * part
+            total = total * rescale + weight
+            m = m_new
+
+    tl.store(
+        Out + batch * stride_ob + head * stride_oh + offs_d,
+        (acc / total).to(Out.dtype.element_ty),
+        mask=mask_d,
+    )
+
+
+@triton.jit
+def _extend_kernel(
+    Q,
+    Out,
+    K_Buffer,
+    V_Buffer,
+    Req_To_Token,
+    Req_Pool_Indices,
+    Prefix_Lens,
+    Extend_Lens,
+    Extend_Starts,
+    sm_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_req,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    batch = tl.program_id(0)
+    head = tl.program_id(1)
+    block_m = tl.program_id(2)
+
+    extend_len = tl.load(Extend_Lens + batch)
+    if block_m * BLOCK_M >= extend_len:
+        return
+    prefix_len = tl.load(Prefix_Lens + batch)
+    first_token = tl.load(Extend_Starts + batch)
+    kv_head = head // GROUP
+
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < extend_len
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    tokens = first_token + offs_m
+    q = tl.load(
+        Q + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    q_pos = prefix_len + offs_m
+    # Causal: this query block sees the whole prefix and new tokens up to its last row.
+    kv_end = prefix_len + tl.minimum((block_m + 1) * BLOCK_M, extend_len)
+
+    token_row = Req_To_Token + tl.load(Req_Pool_Indices + batch) * stride_req
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        slots = tl.load(token_row + offs_n, mask=mask_n, other=0)
+        k = tl.load(
+            K_Buffer + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
+            mask=mask_n[None, :] & mask_d[:, None],
+            other=0.0,
+        )
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale_log2
+        visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        # Position 0 is visible to every row, so m_new is finite from the first block on.
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_Buffer + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    tl.store(
+        Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        (acc / l_i[:, None]).to(Out.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+LOG2_E = 1.4426950408889634
+
+
+def decode_attention(
+    q: torch.Tensor,  # [batch, num_heads, head_dim]
+    out: torch.Tensor,  # [batch, num_heads, head_dim]
+    k_buffer: torch.Tensor,  # [num_slots + 1, num_kv_heads, head_dim]
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,  # [rows, max_context_len]
+    req_pool_indices: torch.Tensor,  # [batch]
+    seq_lens: torch.Tensor,  # [batch], KV length including the token being decoded
+    partial_out: torch.Tensor,  # [batch, num_heads, max_kv_splits, head_dim] fp32 scratch
+    partial_lse: torch.Tensor,  # [batch, num_heads, max_kv_splits] fp32 scratch
+    sm_scale: float,
+) -> None:
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_buffer.shape[1]
+    max_kv_splits = partial_lse.shape[-1]
+    group = num_heads // num_kv_heads
+    block_d = _block_d(head_dim)
+    _decode_partial_kernel[(batch, num_kv_heads, max_kv_splits)](
+        q,
+        k_buffer,
+        v_buffer,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        partial_out,
+        partial_lse,
+        sm_scale * LOG2_E,
+        num_heads,
+        max_kv_splits,
+        q.stride(0),
+        q.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        req_to_token.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=64 if block_d <= 128 else 32,
+        MIN_SPLIT=MIN_TOKENS_PER_SPLIT,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    _decode_merge_kernel[(batch, num_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        seq_lens,
+        num_heads,
+        max_kv_splits,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        MIN_SPLIT=MIN_TOKENS_PER_SPLIT,
+        num_warps=4 if block_d <= 128 else 8,
+    )
+
+
+def extend_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], requests' new tokens back to back
+    out: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_buffer: torch.Tensor,  # [num_slots + 1, num_kv_heads, head_dim], new K/V already written
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,  # [batch]
+    prefix_lens: torch.Tensor,  # [batch] cached tokens before the new ones
+    extend_lens: torch.Tensor,  # [batch] new tokens
+    extend_starts: torch.Tensor,  # [batch] index of each request's first new token in q
+    max_extend_len: int,
+    sm_scale: float,
+) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    batch = req_pool_indices.shape[0]
+    block_d = _block_d(head_dim)
+    block_m = 64
+    grid = (batch, num_heads, triton.cdiv(max_extend_len, block_m))
+    _extend_kernel[grid](
+        q,
+        out,
+        k_buffer,
+        v_buffer,
+        req_to_token,
+        req_pool_indices,
+        prefix_lens,
+        extend_lens,
+        extend_starts,
+        sm_scale * LOG2_E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        req_to_token.stride(0),
+        GROUP=num_heads // k_buffer.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=64 if block_d <= 128 else 32,
+        BLOCK_D=block_d,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4 if block_d <= 64 else 8,
+        num_stages=2,
+    )

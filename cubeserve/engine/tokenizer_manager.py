@@ -1,0 +1,406 @@
+"""The asyncio frontend of the engine, shared by the offline ``Engine`` and the HTTP server.
+
+Usage (inside one event loop)::
+
+    manager = TokenizerManager(server_args)
+    await manager.start()                       # spawns the engine process, waits until ready
+    async for chunk in manager.generate_request(GenerateReqInput(text="Hi", stream=True)):
+        print(chunk["delta"], end="")
+    await manager.shutdown()
+
+``generate_request`` yields, for each of the request's ``n`` samples (``chunk["index"]``),
+cumulative chunks::
+
+    {"text": str, "delta": str, "output_ids": list[int], "index": int,
+     "meta_info": {"id", "prompt_tokens", "completion_tokens", "cached_tokens",
+                   "finish_reason": None | {"type": "stop"|"length"|"abort", "matched", ...},
+                   "output_token_logprobs": [(logprob, token_id, None), ...],     # return_logprob
+                   "output_top_logprobs": [[(logprob, token_id, None), ...], ...], # top_logprobs_num
+                   "mm_meta": {...}}}                                              # media requests
+
+every few tokens when ``obj.stream``, else only the final chunk of each sample. Invalid
+requests raise ``ValueError`` naming the field before anything reaches the engine. Text never
+contains a stop string or any part of one that may still complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from transformers import PreTrainedTokenizerBase
+
+from cubeserve.engine.chat_template import apply_chat_template
+from cubeserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from cubeserve.engine.io_struct import (
+    AbortReq,
+    BatchTokenOutput,
+    EngineStats,
+    FlushCacheReq,
+    GenerateReqInput,
+    GetStatsReq,
+    TokenizedGenerateReq,
+    TokenOutput,
+)
+from cubeserve.engine.ipc import (
+    EngineAddresses,
+    EngineInfo,
+    EngineProcess,
+    FlushCacheOutput,
+    bind,
+)
+from cubeserve.engine.sampling_params import SamplingParams
+from cubeserve.engine.tokenizer import load_tokenizer
+from cubeserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# (input_ids, mm_inputs) of chat messages; the multimodal processor's entry point.
+MessagesProcessor = Callable[[list[dict[str, Any]]], tuple[list[int], Any]]
+# Prompt tokens kept as context for detokenizing the first output tokens.
+DETOKENIZE_CONTEXT_TOKENS = 5
+ENGINE_WATCH_INTERVAL_MS = 1000
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process exited; requests in flight cannot complete."""
+
+
+@dataclass
+class _SampleState:
+    """Frontend-side progress of one sample (sub-request) of a request."""
+
+    rid: str
+    index: int
+    prompt_tokens: int
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher | None
+    want_logprobs: bool
+    want_top_logprobs: bool
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    cached_tokens: int = 0
+    finish_reason: dict[str, Any] | None = None
+    logprobs: list[tuple[float, int, None]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[float, int, None]]] = field(default_factory=list)
+    mm_meta: dict[str, Any] | None = None
+
+    def update(self, out: TokenOutput) -> str:
+        """Apply one engine output; returns the new visible text."""
+        self.output_ids += out.new_token_ids
+        self.cached_tokens = out.cached_tokens
+        self.finish_reason = out.finish_reason
+        if out.mm_meta is not None:
+            self.mm_meta = out.mm_meta
+        if out.new_logprobs is not None:
+            self.logprobs += [(lp, t, None) for lp, t in zip(out.new_logprobs, out.new_token_ids)]
+        if out.new_top_logprobs is not None:
+            self.top_logprobs += [[(lp, t, None) for t, lp in top] for top in out.new_top_logprobs]
+        delta = self.detokenizer.step(out.new_token_ids)
+        if out.finish_reason is not None:
+            delta += self.detokenizer.flush()
+        if self.stop_matcher is not None:
+            delta, _ = self.stop_matcher.feed(delta)
+            if out.finish_reason is not None and self.stop_matcher.matched is None:
+                delta += self.stop_matcher.flush()
+        self.text += delta
+        return delta
+
+    def chunk(self, delta: str) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+            "finish_reason": self.finish_reason,
+        }
+        if self.want_logprobs:
+            meta["output_token_logprobs"] = list(self.logprobs)
+        if self.want_top_logprobs:
+            meta["output_top_logprobs"] = list(self.top_logprobs)
+        if self.mm_meta is not None:
+            meta["mm_meta"] = self.mm_meta
+        return {
+            "text": self.text,
+            "delta": delta,
+            "output_ids": list(self.output_ids),
+            "meta_info": meta,
+            "index": self.index,
+        }
+
+
+class TokenizerManager:
+    def __init__(
+        self, server_args: ServerArgs, messages_processor: MessagesProcessor | None = None
+    ) -> None:
+        """``messages_processor`` turns chat messages with media into ``(input_ids,
+        mm_inputs)`` (the multimodal hook); without it messages must be text only."""
+        if server_args.model_path is None:
+            from cubeserve.demo import ensure_demo_model
+
+            server_args = dataclasses.replace(server_args, model_path=ensure_demo_model())
+        self.server_args = server_args
+        self.messages_processor = messages_processor
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(
+            server_args.tokenizer_path or server_args.model_path
+        )
+        self.info: EngineInfo | None = None  # set by ``start``
+        self._engine: EngineProcess | None = None
+        self._addresses: EngineAddresses | None = None
+        self._context: zmq.asyncio.Context | None = None
+        self._send_socket: zmq.asyncio.Socket | None = None
+        self._recv_socket: zmq.asyncio.Socket | None = None
+        self._recv_task: asyncio.Task | None = None
+        self._queues: dict[str, asyncio.Queue[TokenOutput | BaseException]] = {}
+        self._sample_rids: dict[str, list[str]] = {}  # request rid -> its samples' rids
+        self._stats_waiters: deque[asyncio.Future[EngineStats]] = deque()
+        self._flush_waiters: deque[asyncio.Future[bool]] = deque()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Spawn the engine process and wait until it serves (its startup errors re-raise)."""
+        self._addresses = EngineAddresses.create()
+        self._context = zmq.asyncio.Context()
+        self._send_socket = bind(self._context, zmq.PUSH, self._addresses.to_engine)
+        self._recv_socket = bind(self._context, zmq.PULL, self._addresses.from_engine)
+        try:
+            self._engine = await asyncio.to_thread(EngineProcess, self.server_args, self._addresses)
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.info = self._engine.info
+        self._recv_task = asyncio.create_task(self._recv_loop())
+
+    async def shutdown(self) -> None:
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            await asyncio.gather(self._recv_task, return_exceptions=True)
+            self._recv_task = None
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.shutdown)
+            self._engine = None
+        self._fail_pending(EngineDeadError("the engine was shut down"))
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
+        if self._addresses is not None:
+            self._addresses.cleanup()
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of the request's samples as they are produced (see the module docstring)."""
+        reqs = self.tokenize_request(obj)
+        if obj.rid in self._sample_rids or any(req.rid in self._queues for req in reqs):
+            raise ValueError(f"rid {obj.rid!r} is already in use by a running request")
+        queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
+        states = {req.rid: self._new_state(req, i) for i, req in enumerate(reqs)}
+        self._sample_rids[obj.rid] = list(states)
+        for req in reqs:
+            self._queues[req.rid] = queue
+            self._send(req)
+        unfinished = len(states)
+        try:
+            while unfinished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                state = states[out.rid]
+                delta = state.update(out)
+                if out.finish_reason is not None:
+                    unfinished -= 1
+                if obj.stream or out.finish_reason is not None:
+                    yield state.chunk(delta)
+        finally:  # the consumer may stop early: abort what is still running
+            for rid, state in states.items():
+                if self._queues.pop(rid, None) is not None and state.finish_reason is None:
+                    self._send(AbortReq(rid))
+            self._sample_rids.pop(obj.rid, None)
+
+    def abort_request(self, rid: str) -> None:
+        """Stop request ``rid`` (all its samples) wherever it is; its consumer gets a final
+        chunk with finish reason ``abort``."""
+        for sample_rid in self._sample_rids.get(rid, [rid]):
+            if sample_rid in self._queues:
+                self._send(AbortReq(sample_rid))
+
+    async def get_stats(self) -> EngineStats:
+        return await self._control(GetStatsReq(), self._stats_waiters)
+
+    async def flush_cache(self) -> bool:
+        """Empty the prefix cache; False when refused because requests are in flight."""
+        return await self._control(FlushCacheReq(), self._flush_waiters)
+
+    # ------------------------------------------------------------------ tokenization
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        return apply_chat_template(self.tokenizer, messages, self.server_args.chat_template)
+
+    def process_messages(self, messages: list[dict[str, Any]]) -> tuple[list[int], Any]:
+        """Chat messages -> ``(input_ids, mm_inputs)``; override or pass ``messages_processor``
+        for media."""
+        if self.messages_processor is not None:
+            return self.messages_processor(messages)
+        if any(_has_media(message) for message in messages):
+            raise ValueError("messages: this model accepts text content only")
+        # The template writes any BOS itself.
+        return self.tokenizer.encode(
+            self.apply_chat_template(messages), add_special_tokens=False
+        ), None
+
+    def tokenize_request(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
+        """Validate ``obj`` and make one engine request per sample; raises ``ValueError``."""
+        info = self._require_started()
+        params = SamplingParams.from_dict(dict(obj.sampling_params)).normalize()
+        params.verify(info.vocab_size)
+        input_ids, mm_inputs = self._prompt_ids(obj)
+        if not input_ids:
+            raise ValueError("the prompt is empty: text, input_ids or messages gave no tokens")
+        if mm_inputs is None:
+            _check_token_ids(input_ids, info.vocab_size)
+        if len(input_ids) + params.max_new_tokens > info.context_len:
+            raise ValueError(
+                f"max_new_tokens ({params.max_new_tokens}) plus the prompt ({len(input_ids)} tokens)"
+                f" exceeds the context length ({info.context_len} tokens)"
+            )
+        if not 0 <= obj.top_logprobs_num <= info.vocab_size:
+            raise ValueError(
+                f"top_logprobs_num must be in [0, {info.vocab_size}], got {obj.top_logprobs_num}"
+            )
+        return [
+            TokenizedGenerateReq(
+                rid=obj.rid if params.n == 1 else f"{obj.rid}-{i}",
+                input_ids=input_ids,
+                sampling_params=_sample_params(params, i),
+                return_logprob=obj.return_logprob,
+                top_logprobs_num=obj.top_logprobs_num,
+                stream=obj.stream,
+                mm_inputs=mm_inputs,
+            )
+            for i in range(params.n)
+        ]
+
+    def _prompt_ids(self, obj: GenerateReqInput) -> tuple[list[int], Any]:
+        given = [
+            name for name in ("text", "input_ids", "messages") if getattr(obj, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of text, input_ids or messages must be set, got {given}")
+        if obj.messages is not None:
+            if not isinstance(obj.messages, list):
+                raise ValueError("messages must be a list of {role, content} objects")
+            return self.process_messages(obj.messages)
+        if obj.text is not None:
+            if not isinstance(obj.text, str):
+                raise ValueError(f"text must be a string, got {type(obj.text).__name__}")
+            return self.tokenize(obj.text), None
+        return list(obj.input_ids), None
+
+    # ------------------------------------------------------------------ engine traffic
+
+    def _new_state(self, req: TokenizedGenerateReq, index: int) -> _SampleState:
+        params: SamplingParams = req.sampling_params
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids_tail=[t for t in req.input_ids[-DETOKENIZE_CONTEXT_TOKENS:] if t >= 0],
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        )
+        return _SampleState(
+            rid=req.rid,
+            index=index,
+            prompt_tokens=len(req.input_ids),
+            detokenizer=detokenizer,
+            stop_matcher=StopStringMatcher(params.stop) if params.stop else None,
+            want_logprobs=req.return_logprob,
+            want_top_logprobs=req.top_logprobs_num > 0,
+        )
+
+    def _send(self, message: Any) -> None:
+        self._require_started()
+        self._send_socket.send_pyobj(message)
+
+    async def _control(self, request: Any, waiters: deque[asyncio.Future]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        self._send(request)
+        return await future
+
+    async def _recv_loop(self) -> None:
+        while True:
+            if await self._recv_socket.poll(ENGINE_WATCH_INTERVAL_MS):
+                self._dispatch(await self._recv_socket.recv_pyobj())
+            elif not self._engine.is_alive():
+                logger.error("the engine process died (exit code %s)", self._engine.exitcode)
+                self._fail_pending(
+                    EngineDeadError(f"the engine process died (exit code {self._engine.exitcode})")
+                )
+                return
+
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, BatchTokenOutput):
+            for out in message.outputs:
+                queue = self._queues.get(out.rid)
+                if queue is not None:  # else its consumer is gone
+                    queue.put_nowait(out)
+        elif isinstance(message, EngineStats):
+            self._stats_waiters.popleft().set_result(message)
+        elif isinstance(message, FlushCacheOutput):
+            self._flush_waiters.popleft().set_result(message.success)
+        else:
+            logger.error("unexpected message from the engine: %r", message)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for queue in {id(queue): queue for queue in self._queues.values()}.values():
+            queue.put_nowait(error)
+        self._queues.clear()  # nothing is left to abort in the engine
+        for waiters in (self._stats_waiters, self._flush_waiters):
+            while waiters:
+                waiters.popleft().set_exception(error)
+
+    def _require_started(self) -> EngineInfo:
+        if self.info is None or self._engine is None:
+            raise RuntimeError(
+                "TokenizerManager.start() has not been awaited (or it was shut down)"
+            )
+        return self.info
+
+
+def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample ``index`` of an ``n``-sample request: its own copy, seeded apart from the others."""
+    seed = None if params.seed is None else params.seed + index
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+def _check_token_ids(input_ids: list[Any], vocab_size: int) -> None:
+    for token_id in input_ids:
+        if (
+            isinstance(token_id, bool)
+            or not isinstance(token_id, int)
+            or not 0 <= token_id < vocab_size
+        ):
+            raise ValueError(f"input_ids has {token_id!r}, not a token id in [0, {vocab_size})")
+
+
+def _has_media(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") not in ("text", None) for part in content
+    )

@@ -1,0 +1,115 @@
+"""A request as the scheduler tracks it, from arrival to finish."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from cubeserve.engine.sampling_params import SamplingParams
+from cubeserve.mem_cache.radix_cache import TreeNode
+
+
+@dataclass
+class FinishReason:
+    type: str  # "stop" | "length" | "abort"
+    matched: int | str | None = None  # the stop token id or stop string
+    message: str | None = None  # why an abort happened
+
+    def to_dict(self) -> dict[str, Any]:
+        reason: dict[str, Any] = {"type": self.type, "matched": self.matched}
+        if self.message is not None:
+            reason["message"] = self.message
+        return reason
+
+
+@dataclass(eq=False)
+class Req:
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    generator: torch.Generator | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+    # Multimodal: the scheduler's ``mm_encoder`` hook turns ``mm_inputs`` into embeddings that
+    # replace the token embeddings at the prompt positions where ``mm_mask`` is set (it may
+    # also rewrite ``origin_input_ids``, e.g. to expand placeholders). Text requests: all None.
+    mm_inputs: Any = None
+    mm_embeds: torch.Tensor | None = None  # [mm_mask.sum(), hidden]
+    mm_mask: torch.Tensor | None = None  # [len(origin_input_ids)] bool
+    mm_meta: dict[str, Any] | None = None  # reported back once with the first output
+
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    # KV state: row ``req_pool_idx`` of the ReqToTokenPool holds the slots of the first
+    # ``kv_len`` tokens of ``fill_ids``; the first ``prefix_len`` of them belong to the radix
+    # cache, locked through ``last_node``.
+    req_pool_idx: int | None = None
+    kv_len: int = 0
+    prefix_len: int = 0
+    last_node: TreeNode | None = None
+
+    cached_tokens: int | None = None  # prefix-cache hit of the first prefill
+    num_sent_ids: int = 0  # output ids already sent to the frontend
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Every token whose KV the request needs: the prompt and all outputs so far."""
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def cache_key(self) -> list[int]:
+        """``fill_ids`` as the radix cache sees them.
+
+        Multimodal positions all carry the same placeholder token id, so they are keyed by a
+        digest of their embeddings instead: equal keys then imply equal KV.
+        """
+        return self._prompt_key + self.output_ids
+
+    @cached_property
+    def _prompt_key(self) -> list[int]:
+        return _multimodal_key(self.origin_input_ids, self.mm_embeds, self.mm_mask)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def mm_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mask of fill positions ``[start, end)`` and the embedding rows they take, if any."""
+        if self.mm_mask is None or start >= len(self.mm_mask):
+            return None
+        mask = self.mm_mask[start:end]
+        if not bool(mask.any()):
+            return None
+        first_row = int(self.mm_mask[:start].sum())
+        rows = self.mm_embeds[first_row : first_row + int(mask.sum())]
+        padded = torch.zeros(end - start, dtype=torch.bool)
+        padded[: len(mask)] = mask.cpu()
+        return padded, rows
+
+    def reset_kv_state(self) -> None:
+        """Forget all KV (after the scheduler released it): the request will be recomputed."""
+        self.req_pool_idx, self.kv_len, self.prefix_len, self.last_node = None, 0, 0, None
+
+
+def _multimodal_key(
+    input_ids: list[int], mm_embeds: torch.Tensor | None, mm_mask: torch.Tensor | None
+) -> list[int]:
+    if mm_mask is None:
+        return list(input_ids)
+    raw = mm_embeds.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    # Negative, so never equal to a real token id.
+    media_key = -1 - int.from_bytes(hashlib.blake2b(raw, digest_size=7).digest(), "little")
+    return [media_key if is_mm else token for token, is_mm in zip(input_ids, mm_mask.tolist())]

@@ -1,0 +1,475 @@
+"""The engine's scheduling loop: continuous batching over a paged, prefix-cached KV pool.
+
+Every step runs one forward: an EXTEND batch when waiting (or half-prefilled) requests can be
+admitted, else a DECODE batch of all running requests (SGLang's prefill-first policy).
+
+KV accounting: a request's row in the ReqToTokenPool lists its slots; the part that came from
+the radix cache is locked there, the rest it owns. When it finishes (or is aborted, or
+retracted) its KV goes into the radix cache, which frees what it already had and keeps the
+rest evictable. Slots are allocated per forward; when decode runs short even after eviction,
+the newest running requests are retracted to the waiting queue and recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import zmq
+from transformers import PreTrainedTokenizerBase
+
+from cubeserve.engine.detokenizer import tail_contains_stop
+from cubeserve.engine.io_struct import (
+    AbortReq,
+    BatchTokenOutput,
+    EngineStats,
+    FlushCacheReq,
+    GetStatsReq,
+    TokenizedGenerateReq,
+    TokenOutput,
+)
+from cubeserve.engine.ipc import (
+    EngineAddresses,
+    EngineInfo,
+    FlushCacheOutput,
+    connect,
+    exit_when_parent_dies,
+    recv_all,
+    report_startup_failure,
+)
+from cubeserve.engine.model_runner import ModelRunner, load_model_config
+from cubeserve.engine.sampler import SampleOutput, make_generator
+from cubeserve.engine.tokenizer import get_eos_token_ids, load_tokenizer
+from cubeserve.mem_cache.radix_cache import RadixCache
+from cubeserve.scheduler.request import FinishReason, Req
+from cubeserve.scheduler.schedule_batch import ScheduleBatch
+from cubeserve.scheduler.schedule_policy import (
+    DecodeReservation,
+    SchedulePolicy,
+    prefix_match_key,
+)
+from cubeserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        server_args: ServerArgs,
+        model_runner: ModelRunner,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        """``tokenizer`` is only needed for stop strings; ``eos_token_ids`` end a request
+        unless it sets ``ignore_eos``."""
+        self.runner = model_runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.allocator = model_runner.token_allocator
+        self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
+        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
+        self.reservation = DecodeReservation()
+        self.chunked_prefill_size = server_args.chunked_prefill_size
+        self.max_queued_requests = server_args.max_queued_requests
+
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # fully prefilled, in admission order
+        self.chunked_req: Req | None = None  # at most one request is prefilled across steps
+        self.num_generated_tokens = 0
+        self.num_retracted_reqs = 0
+        self._outbox: dict[str, Req] = {}  # requests with output to send after this step
+
+    # ------------------------------------------------------------------ requests in
+
+    @property
+    def has_work(self) -> bool:
+        """Whether ``step`` has anything to do: requests to run or outputs to send."""
+        return bool(self._live_reqs() or self._outbox)
+
+    def handle_message(self, message: Any) -> Any:
+        """Apply one frontend message; returns the reply to send back, if any."""
+        if isinstance(message, TokenizedGenerateReq):
+            self.add_request(message)
+        elif isinstance(message, AbortReq):
+            self.abort_request(message.rid)
+        elif isinstance(message, GetStatsReq):
+            return self.get_stats()
+        elif isinstance(message, FlushCacheReq):
+            return FlushCacheOutput(self.flush_cache())
+        else:
+            raise TypeError(f"unexpected message {type(message).__name__}")
+        return None
+
+    def add_request(self, recv: TokenizedGenerateReq) -> None:
+        req = Req(
+            rid=recv.rid,
+            origin_input_ids=list(recv.input_ids),
+            sampling_params=recv.sampling_params,
+            generator=make_generator(recv.sampling_params.seed, self.runner.device),
+            return_logprob=recv.return_logprob,
+            top_logprobs_num=recv.top_logprobs_num,
+            stream=recv.stream,
+            mm_inputs=recv.mm_inputs,
+        )
+        error = self._rejection(req)
+        if error is not None:
+            self._finish(req, FinishReason("abort", message=error))
+        else:
+            self.waiting.append(req)
+
+    def mm_encoder(self, req: Req) -> None:
+        """Fill ``req.mm_embeds`` / ``req.mm_mask`` from ``req.mm_inputs``.
+
+        Delegates to the model's ``encode_mm_inputs(req)``, which may also rewrite
+        ``req.origin_input_ids`` (placeholder expansion) and set ``req.mm_meta``.
+        """
+        encode = getattr(self.runner.model, "encode_mm_inputs", None)
+        if encode is None:
+            raise ValueError(f"{type(self.runner.model).__name__} does not accept images or videos")
+        encode(req)
+
+    def _rejection(self, req: Req) -> str | None:
+        """Why ``req`` cannot be served, or None. Runs the multimodal encoder."""
+        if len(self.waiting) >= self.max_queued_requests:
+            return f"the waiting queue is full ({self.max_queued_requests} requests)"
+        if req.mm_inputs is not None:
+            try:
+                self.mm_encoder(req)
+            except Exception as err:  # bad media must fail its request, not the engine
+                logger.exception("multimodal encoding failed for request %s", req.rid)
+                return f"multimodal input error: {err}"
+        if not req.origin_input_ids:
+            return "the prompt is empty"
+        max_new_tokens = req.sampling_params.max_new_tokens
+        if len(req.origin_input_ids) + max_new_tokens > self.runner.context_len:
+            return (
+                f"the prompt ({len(req.origin_input_ids)} tokens) plus max_new_tokens "
+                f"({max_new_tokens}) exceeds the context length ({self.runner.context_len} tokens)"
+            )
+        return None
+
+    def abort_request(self, rid: str) -> None:
+        req = next((r for r in self._live_reqs() if r.rid == rid), None)
+        if req is None:  # already finished
+            return
+        if req is self.chunked_req:
+            self.chunked_req = None
+        elif req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._release_kv(req)
+        self._finish(req, FinishReason("abort", message="aborted by the client"))
+
+    def flush_cache(self) -> bool:
+        """Empty the radix cache; refused (False) while any request is in flight."""
+        if self._live_reqs():
+            return False
+        self.tree_cache.reset()
+        return True
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_running_reqs=len(self.running) + (self.chunked_req is not None),
+            num_waiting_reqs=len(self.waiting),
+            kv_pool_capacity_tokens=self.allocator.num_slots,
+            kv_pool_used_tokens=self.allocator.used_size(),
+            prefix_cache_hit_tokens=self.tree_cache.stats.hit_tokens,
+            prefix_cache_query_tokens=self.tree_cache.stats.query_tokens,
+            generated_tokens_total=self.num_generated_tokens,
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[TokenOutput]:
+        """Run at most one forward; returns the outputs to send to the frontend."""
+        batch = self._schedule_extend() or self._schedule_decode()
+        if batch is not None:
+            self._run_batch(batch)
+        return self._drain_outputs()
+
+    def _schedule_extend(self) -> ScheduleBatch | None:
+        reqs: list[Req] = []
+        lens: list[int] = []
+        budget = self.chunked_prefill_size
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            n = min(req.fill_len - req.kv_len, budget, self._available_tokens())
+            if n == 0:
+                return None
+            reqs.append(req)
+            lens.append(n)
+            budget -= n
+            if req.kv_len + n < req.fill_len:
+                return ScheduleBatch.extend(reqs, lens)
+            self.chunked_req = None
+
+        self.policy.sort_waiting(self.waiting)
+        admitted: list[Req] = []
+        for req in self.waiting:
+            if budget == 0 or self.req_to_token_pool.available_size() == 0:
+                break
+            n = self._admit(req, budget, batch=reqs, pending_tokens=sum(lens))
+            if n is None:
+                break
+            admitted.append(req)
+            reqs.append(req)
+            lens.append(n)
+            budget -= n
+            if req.kv_len + n < req.fill_len:
+                self.chunked_req = req
+                break
+        self.waiting = [req for req in self.waiting if req not in admitted]
+        return ScheduleBatch.extend(reqs, lens) if reqs else None
+
+    def _admit(self, req: Req, budget: int, batch: list[Req], pending_tokens: int) -> int | None:
+        """Give ``req`` a row and its cached prefix if memory allows; returns how many of its
+        tokens to compute in this forward (the rest is prefilled in later chunks).
+
+        Besides this chunk, the request must leave room for the rest of its prompt and for the
+        expected decode tokens of all admitted requests, unless nothing else runs (any
+        request fits an otherwise empty pool, by the context check).
+        """
+        prefix, last_node = self.tree_cache.match_prefix(prefix_match_key(req))
+        extend = req.fill_len - len(prefix)
+        chunk = min(extend, budget)
+        self.tree_cache.inc_lock_ref(last_node)
+        free = self._available_tokens() - pending_tokens
+        headroom = free - self.reservation.tokens(self.running + batch)
+        idle = not (self.running or batch)
+        if chunk > free or (extend + self.reservation.tokens_for(req) > headroom and not idle):
+            self.tree_cache.dec_lock_ref(last_node)
+            return None
+        req.req_pool_idx = self.req_to_token_pool.alloc()
+        self.req_to_token_pool.req_to_token[req.req_pool_idx, : len(prefix)] = prefix.to(
+            self.runner.device
+        )
+        req.prefix_len = req.kv_len = len(prefix)
+        req.last_node = last_node
+        if req.cached_tokens is None:  # retracted requests are not counted twice
+            req.cached_tokens = len(prefix)
+            self.tree_cache.stats.record(len(req.origin_input_ids), len(prefix))
+        return chunk
+
+    def _schedule_decode(self) -> ScheduleBatch | None:
+        if not self.running:
+            return None
+        while self._available_tokens() < len(self.running):
+            self._retract_newest()
+        self.reservation.on_decode_step()
+        return ScheduleBatch.decode(list(self.running))
+
+    def _retract_newest(self) -> None:
+        """Send the newest running request back to the waiting queue, freeing its KV; the
+        half-prefilled request goes only when a single running request is left."""
+        if len(self.running) > 1:
+            req = self.running.pop()
+        elif self.chunked_req is not None:
+            req, self.chunked_req = self.chunked_req, None
+        else:  # cannot happen: the context check keeps every request within the pool
+            raise RuntimeError("the KV pool cannot hold a single request")
+        logger.info("retracting request %s: KV pool exhausted", req.rid)
+        self._release_kv(req)
+        self.waiting.insert(0, req)
+        self.num_retracted_reqs += 1
+        self.reservation.on_retract()
+
+    def _run_batch(self, batch: ScheduleBatch) -> None:
+        out_cache_loc = self._alloc_slots(batch.num_new_tokens)
+        forward_batch = batch.to_forward_batch(
+            out_cache_loc, self.req_to_token_pool, self.runner.device
+        )
+        logits = self.runner.forward(forward_batch)
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            req.kv_len += n
+        # Requests whose whole prompt now has KV sample a token; a chunked one waits.
+        ready = [i for i, req in enumerate(batch.reqs) if req.kv_len == req.fill_len]
+        ready_reqs = [batch.reqs[i] for i in ready]
+        for req in batch.reqs:
+            if req.kv_len < req.fill_len:
+                self._cache_chunked_prefix(req)
+        if ready:
+            rows = (
+                logits
+                if len(ready) == len(batch.reqs)
+                else logits[torch.tensor(ready, device=logits.device)]
+            )
+            self._append_tokens(ready_reqs, self.runner.sample(rows, ready_reqs))
+        for req in ready_reqs:
+            if req.finished:
+                self._release_kv(req)
+            elif not batch.mode.is_decode:
+                self.running.append(req)
+        if batch.mode.is_decode:
+            self.running = [req for req in self.running if not req.finished]
+
+    def _append_tokens(self, reqs: list[Req], sampled: SampleOutput) -> None:
+        for i, (req, token_id) in enumerate(zip(reqs, sampled.next_token_ids)):
+            req.output_ids.append(token_id)
+            if req.return_logprob:
+                req.logprobs.append(sampled.logprobs[i])
+            if req.top_logprobs_num:
+                req.top_logprobs.append(sampled.top_logprobs[i])
+            self.num_generated_tokens += 1
+            finish_reason = self._check_finish(req)
+            if finish_reason is not None:
+                self._finish(req, finish_reason)
+            elif req.stream:
+                self._outbox[req.rid] = req
+
+    def _check_finish(self, req: Req) -> FinishReason | None:
+        params = req.sampling_params
+        token_id = req.output_ids[-1]
+        if token_id in (params.stop_token_ids or ()) or (
+            not params.ignore_eos and token_id in self.eos_token_ids
+        ):
+            return FinishReason("stop", token_id)
+        if params.stop and self.tokenizer is not None:
+            matched = tail_contains_stop(
+                self.tokenizer,
+                req.output_ids,
+                params.stop,
+                max(map(len, params.stop)),
+                params.skip_special_tokens,
+            )
+            if matched is not None:
+                return FinishReason("stop", matched)
+        if len(req.output_ids) >= params.max_new_tokens:
+            return FinishReason("length")
+        return None
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        req.finish_reason = reason
+        self._outbox[req.rid] = req
+
+    # ------------------------------------------------------------------ KV bookkeeping
+
+    def _available_tokens(self) -> int:
+        return self.allocator.available_size() + self.tree_cache.evictable_size()
+
+    def _alloc_slots(self, n: int) -> torch.Tensor:
+        shortfall = n - self.allocator.available_size()
+        if shortfall > 0:
+            self.tree_cache.evict(shortfall)
+        slots = self.allocator.alloc(n)
+        if slots is None:  # scheduling only admits what fits
+            raise RuntimeError(
+                f"out of KV slots: needed {n}, {self.allocator.available_size()} free"
+            )
+        return slots
+
+    def _release_kv(self, req: Req) -> None:
+        """Hand the request's KV to the radix cache and give its row back."""
+        if req.req_pool_idx is None:
+            return
+        slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len].cpu()
+        already_cached = self.tree_cache.insert(req.cache_key[: req.kv_len], slots)
+        self.allocator.free(slots[req.prefix_len : already_cached])
+        self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.reset_kv_state()
+
+    def _cache_chunked_prefix(self, req: Req) -> None:
+        """Share the prefilled part of a chunked prompt at once, locked until the next chunk."""
+        if self.tree_cache.disable:
+            return
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        key = req.cache_key[: req.kv_len]
+        slots = row[: req.kv_len].cpu()
+        already_cached = self.tree_cache.insert(key, slots)
+        self.allocator.free(slots[req.prefix_len : already_cached])
+        prefix, last_node = self.tree_cache.match_prefix(key)
+        row[: len(prefix)] = prefix.to(row.device)
+        self.tree_cache.inc_lock_ref(last_node)
+        self.tree_cache.dec_lock_ref(req.last_node)
+        req.prefix_len, req.last_node = len(prefix), last_node
+
+    # ------------------------------------------------------------------ outputs
+
+    def _live_reqs(self) -> list[Req]:
+        chunked = [self.chunked_req] if self.chunked_req is not None else []
+        return self.waiting + chunked + self.running
+
+    def _drain_outputs(self) -> list[TokenOutput]:
+        outputs = [self._token_output(req) for req in self._outbox.values()]
+        self._outbox.clear()
+        return outputs
+
+    def _token_output(self, req: Req) -> TokenOutput:
+        start = req.num_sent_ids
+        output = TokenOutput(
+            rid=req.rid,
+            new_token_ids=req.output_ids[start:],
+            finish_reason=req.finish_reason.to_dict() if req.finished else None,
+            prompt_tokens=len(req.origin_input_ids),
+            cached_tokens=req.cached_tokens or 0,
+            new_logprobs=req.logprobs[start:] if req.return_logprob else None,
+            new_top_logprobs=req.top_logprobs[start:] if req.top_logprobs_num else None,
+            mm_meta=req.mm_meta if start == 0 else None,
+        )
+        req.num_sent_ids = len(req.output_ids)
+        return output
+
+    # ------------------------------------------------------------------ process loop
+
+    def event_loop(self, recv_socket: zmq.Socket, send_socket: zmq.Socket) -> None:
+        """Serve forever: poll for messages without blocking while there is work, block when
+        idle."""
+        while True:
+            for message in recv_all(recv_socket, block=not self.has_work):
+                reply = self.handle_message(message)
+                if reply is not None:
+                    send_socket.send_pyobj(reply)
+            outputs = self.step()
+            if outputs:
+                send_socket.send_pyobj(BatchTokenOutput(outputs))
+
+
+def run_scheduler_process(
+    server_args: ServerArgs, addresses: EngineAddresses, ready_conn: Any, parent_pid: int
+) -> None:
+    """Entry point of the engine process."""
+    exit_when_parent_dies(parent_pid)
+    # Exit through the interpreter on terminate(), so that process-level cleanup runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    logging.basicConfig(
+        level=server_args.log_level.upper(),
+        format="%(asctime)s [engine] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        scheduler = _build_scheduler(server_args)
+        context = zmq.Context()
+        recv_socket = connect(context, zmq.PULL, addresses.to_engine)
+        send_socket = connect(context, zmq.PUSH, addresses.from_engine)
+    except Exception as err:
+        report_startup_failure(ready_conn, err)
+        return
+    ready_conn.send(_engine_info(server_args, scheduler))
+    ready_conn.close()
+    scheduler.event_loop(recv_socket, send_socket)
+
+
+def _build_scheduler(server_args: ServerArgs) -> Scheduler:
+    model_path = server_args.model_path
+    runner = ModelRunner(server_args, load_model_config(model_path))
+    tokenizer = load_tokenizer(server_args.tokenizer_path or model_path)
+    return Scheduler(server_args, runner, tokenizer, get_eos_token_ids(tokenizer, model_path))
+
+
+def _engine_info(server_args: ServerArgs, scheduler: Scheduler) -> EngineInfo:
+    runner = scheduler.runner
+    return EngineInfo(
+        model_path=server_args.model_path,
+        dtype=str(runner.dtype).removeprefix("torch."),
+        kv_capacity_tokens=runner.max_total_tokens,
+        context_len=runner.context_len,
+        vocab_size=runner.vocab_size,
+        eos_token_ids=tuple(sorted(scheduler.eos_token_ids)),
+        max_running_requests=runner.max_running_requests,
+    )

@@ -1,0 +1,112 @@
+"""Real server process: client disconnects free KV slots, a full queue answers 503, SIGTERM
+drains running requests. The radix cache is off so freed slots show as an empty KV pool."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server_process import ServerProcess
+
+MAX_RUNNING = 2
+MAX_QUEUED = 1
+LONG = 3000  # tokens: far more than any test waits for
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "cubeserve-cache"
+
+
+def start_server(cache_dir, tmp_path_factory) -> ServerProcess:
+    flags = ["--disable-radix-cache", "--max-total-tokens", "8192", "--max-running-requests", str(MAX_RUNNING),
+             "--max-queued-requests", str(MAX_QUEUED), "--served-model-name", "demo"]
+    return ServerProcess(flags, cache_dir, tmp_path_factory.mktemp("server") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def server(cache_dir, tmp_path_factory):
+    process = start_server(cache_dir, tmp_path_factory)
+    yield process
+    process.stop()
+
+
+def engine_state(server: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def idle(server: ServerProcess) -> bool:
+    state = engine_state(server)
+    return state["cubeserve_num_running_reqs"] == 0 and state["cubeserve_kv_pool_used_tokens"] == 0
+
+
+@contextmanager
+def long_stream(server: ServerProcess, max_tokens: int = LONG) -> Iterator[Iterator[str]]:
+    """An open streaming completion; leaving the block disconnects the client."""
+    body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as client, client.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        yield response.iter_lines()
+
+
+def test_disconnect_mid_stream_frees_kv(server):
+    with long_stream(server) as lines:
+        next(line for line in lines if line.startswith("data:"))
+        state = engine_state(server)
+        assert state["cubeserve_num_running_reqs"] == 1 and state["cubeserve_kv_pool_used_tokens"] > 0
+    wait_until(lambda: idle(server))
+
+
+def test_disconnect_while_waiting_for_full_response_frees_kv(server):
+    generated = engine_state(server)["cubeserve_engine_generated_tokens_total"]
+    body = {"model": "demo", "prompt": "Hello", "max_tokens": LONG, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    wait_until(lambda: idle(server))
+    assert engine_state(server)["cubeserve_engine_generated_tokens_total"] - generated < LONG
+
+
+def test_full_queue_is_503_with_retry_after(server):
+    with ExitStack() as streams:
+        for _ in range(MAX_RUNNING + MAX_QUEUED):
+            streams.enter_context(long_stream(server))
+        refused = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["type"] == "server_overloaded"
+    wait_until(lambda: idle(server))
+    assert httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 1},
+                      timeout=60).status_code == 200
+
+
+def test_sigterm_drains_running_requests(cache_dir, tmp_path_factory):
+    process = start_server(cache_dir, tmp_path_factory)
+    try:
+        events = []
+        with long_stream(process, max_tokens=200) as lines:
+            for line in lines:
+                if line.startswith("data:") and not events:
+                    process.terminate()  # mid-stream
+                events.append(line)
+        assert events[-1] == "data: [DONE]"
+        finish = [json.loads(e[6:])["choices"][0].get("finish_reason") for e in events[:-1] if e.startswith("data:")]
+        assert finish[-1] == "length"
+        process.process.wait(30)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{process.url}/health")
+        assert "Shutting down" in process.log()
+    finally:
+        process.stop()
