@@ -55,11 +55,12 @@ def test_generate_requires_a_prompt(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--prompt" in capsys.readouterr().err
 
 
-def test_convert_is_delegated(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["serve", "convert"])
+def test_serve_and_convert_are_delegated(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "cubeserve convert" in capsys.readouterr().out
+    assert f"cubeserve {command}" in capsys.readouterr().out
 
 
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cubeserve.demo import ENDOFTEXT, IM_END, default_demo_dir, ensure_demo_model
+from cubeserve.demo import ENDOFTEXT, IM_END, default_demo_dir, ensure_demo_model, write_demo_tokenizer
 from cubeserve.engine.chat_template import apply_chat_template
 from cubeserve.engine.tokenizer import get_eos_token_ids, load_tokenizer
 
@@ -81,3 +81,12 @@ def test_default_dir_and_empty_target(tmp_path: Path, monkeypatch: pytest.Monkey
     empty.mkdir(parents=True)
     assert ensure_demo_model() == str(empty)
     assert (empty / "model.safetensors").is_file()
+
+
+def test_extra_special_tokens_for_multimodal_demos(tmp_path: Path) -> None:
+    tokenizer = write_demo_tokenizer(tmp_path, extra_special_tokens=["<video>", "<image>"])
+    ids = tokenizer.encode("a <video> b<image>", add_special_tokens=False)
+    video, image = tokenizer.convert_tokens_to_ids(["<video>", "<image>"])
+    assert video in ids and image in ids
+    assert {video, image} <= set(tokenizer.all_special_ids)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a  b"

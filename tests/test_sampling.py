@@ -56,6 +56,7 @@ def random_logits(batch: int, device: str, seed: int = 0) -> torch.Tensor:
         ("stop", [""]),
         ("stop", 3),
         ("stop_token_ids", [VOCAB]),
+        ("stop_token_ids", 5),
         ("logit_bias", {VOCAB: 1.0}),
         ("logit_bias", {1: 200.0}),
         ("ignore_eos", "yes"),
@@ -91,6 +92,8 @@ def test_normalize() -> None:
     assert not SamplingParams(temperature=0.7).is_greedy
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={"a": 1.0}).normalize()
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=3).normalize()
 
 
 # --- Sampler ------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ class TokenEmbeddingEncoder:
         self.span = span
 
     def __call__(self, req: Req) -> None:
-        media_ids = torch.tensor(req.mm_inputs)
+        media_ids = torch.tensor(req.mm_inputs, device=self.embed.weight.device)
         req.origin_input_ids[self.span] = [-200] * len(req.mm_inputs)  # placeholder ids
         req.mm_mask = torch.zeros(len(req.origin_input_ids), dtype=torch.bool)
         req.mm_mask[self.span] = True

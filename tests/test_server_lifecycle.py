@@ -4,6 +4,7 @@ drains running requests. The radix cache is off so freed slots show as an empty 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -80,10 +81,24 @@ def test_disconnect_while_waiting_for_full_response_frees_kv(server):
     assert engine_state(server)["cubeserve_engine_generated_tokens_total"] - generated < LONG
 
 
+@contextmanager
+def queued_request(server: ServerProcess) -> Iterator[None]:
+    """A completion that is sent but not read (it waits in the engine's queue, so no response
+    headers would come for a blocking client); leaving the block disconnects."""
+    body = json.dumps({"model": "demo", "prompt": "x", "max_tokens": LONG, "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + body)
+        yield
+
+
 def test_full_queue_is_503_with_retry_after(server):
-    with ExitStack() as streams:
-        for _ in range(MAX_RUNNING + MAX_QUEUED):
-            streams.enter_context(long_stream(server))
+    with ExitStack() as in_flight:
+        for _ in range(MAX_RUNNING):
+            in_flight.enter_context(long_stream(server))
+        in_flight.enter_context(queued_request(server))
+        wait_until(lambda: engine_state(server)["cubeserve_num_waiting_reqs"] == MAX_QUEUED)
         refused = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 1})
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["type"] == "server_overloaded"
@@ -97,13 +112,12 @@ def test_sigterm_drains_running_requests(cache_dir, tmp_path_factory):
     try:
         events = []
         with long_stream(process, max_tokens=200) as lines:
-            for line in lines:
-                if line.startswith("data:") and not events:
+            for line in filter(None, lines):
+                if not events:
                     process.terminate()  # mid-stream
                 events.append(line)
         assert events[-1] == "data: [DONE]"
-        finish = [json.loads(e[6:])["choices"][0].get("finish_reason") for e in events[:-1] if e.startswith("data:")]
-        assert finish[-1] == "length"
+        assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
         process.process.wait(30)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{process.url}/health")

@@ -31,7 +31,9 @@ def _prefill_then_decode(path: Path) -> torch.Tensor:
 
 
 def _rank_main(rank: int, init_file: str, paths: list[Path], out_dir: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP_SIZE
+    )
     init_tensor_parallel(rank, TP_SIZE)
     try:
         for i, path in enumerate(paths):

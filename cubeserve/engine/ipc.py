@@ -154,6 +154,7 @@ class EngineProcess:
                 f"the engine process exited with code {self._process.exitcode} during startup"
             ) from None
         if isinstance(message, _StartupFailure):
+            self._process.join(SHUTDOWN_GRACE_S)  # it exits by itself
             raise message.error from RemoteTraceback(message.traceback)
         return message
 

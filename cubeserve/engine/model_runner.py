@@ -42,13 +42,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def load_model_config(model_path: str | Path) -> PretrainedConfig:
     """The checkpoint's config; Quicksviewer checkpoints (original or converted) included."""
-    from cubeserve.configs.quicksviewer import (
-        ORIGINAL_MODEL_TYPES,
-        load_quicksviewer_config,
-    )
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type", "")
+    if model_type.startswith("quicksviewer"):
+        from cubeserve.configs.quicksviewer import load_quicksviewer_config
 
-    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
-    if model_type == "quicksviewer" or model_type in ORIGINAL_MODEL_TYPES:
         return load_quicksviewer_config(model_path)
     return AutoConfig.from_pretrained(str(model_path), local_files_only=True)
 

@@ -115,8 +115,10 @@ def _token_counts(seqs: list[list[int]], vocab_size: int, device: torch.device) 
     row_ids = [row for row, seq in enumerate(seqs) for _ in seq]
     flat = _to_device(row_ids, torch.long, device) * vocab_size
     flat += _to_device(list(chain.from_iterable(seqs)), torch.long, device)
-    counts = torch.bincount(flat, minlength=len(seqs) * vocab_size)
-    return counts.view(len(seqs), vocab_size).float()
+    counts = torch.zeros(len(seqs) * vocab_size, device=device)
+    # index_add_ rather than bincount, which syncs with the host on CUDA to size its output.
+    counts.index_add_(0, flat, torch.ones(flat.shape, device=device))
+    return counts.view(len(seqs), vocab_size)
 
 
 def _sample_mixed(logits: torch.Tensor, reqs: Sequence[SamplingReq]) -> torch.Tensor:

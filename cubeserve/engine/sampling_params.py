@@ -55,7 +55,11 @@ class SamplingParams:
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if isinstance(self.stop, str):
+            return [self.stop]
+        if isinstance(self.stop, list):
+            return self.stop
+        raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
 
     def normalize(self) -> SamplingParams:
         """Canonical form: ``stop`` is a list, greedy is ``top_k == 1``, bias keys are ints."""
@@ -83,9 +87,7 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed)
         _check_int("n", self.n, low=1)
-        self._verify_stop()
-        for token_id in self.stop_token_ids or []:
-            _check_token_id("stop_token_ids", token_id, vocab_size)
+        self._verify_stop(vocab_size)
         for token_id, bias in (self.logit_bias or {}).items():
             _check_token_id("logit_bias", token_id, vocab_size)
             _check_number(f"logit_bias[{token_id}]", bias, low=-MAX_ABS_LOGIT_BIAS, high=MAX_ABS_LOGIT_BIAS)
@@ -93,12 +95,14 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
 
-    def _verify_stop(self) -> None:
-        if self.stop is not None and not isinstance(self.stop, (str, list)):
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+    def _verify_stop(self, vocab_size: int) -> None:
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must contain non-empty strings, got {s!r}")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, list):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        for token_id in self.stop_token_ids or []:
+            _check_token_id("stop_token_ids", token_id, vocab_size)
 
 
 def _as_int(name: str, value: Any) -> int:
