@@ -15,11 +15,13 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from cubeserve.server.http_server import StartupError, serve
 from cubeserve.server_args import ServerArgs
 
 API_KEY_ENV = "CUBESERVE_API_KEY"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 logger = logging.getLogger("cubeserve.launch_server")
@@ -40,12 +42,20 @@ def parse_server_args(argv: list[str] | None) -> ServerArgs:
     args = parser.parse_args(argv)
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_ENV) or None
-    if args.log_level.upper() not in logging.getLevelNamesMapping():
-        parser.error(f"--log-level {args.log_level!r} is not one of debug, info, warning, error, critical")
+    if args.log_level.lower() not in LOG_LEVELS:
+        parser.error(f"--log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    for flag, path in (("--model-path", args.model_path), ("--tokenizer-path", args.tokenizer_path)):
+        if path is not None and _looks_like_path(path) and not Path(path).expanduser().is_dir():
+            parser.error(f"{flag} {path}: no such directory")
     try:
         return ServerArgs.from_cli_args(args)
     except (ValueError, NotImplementedError) as exc:
         parser.error(str(exc))
+
+
+def _looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a model id of the local Hugging Face cache ("org/name")."""
+    return name.startswith((os.sep, ".", "~"))
 
 
 def configure_logging(level: str) -> None:

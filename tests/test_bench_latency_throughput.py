@@ -18,20 +18,40 @@ def read_lines(path: Path) -> list[dict]:
 
 def test_latency_reports_both_engines_and_their_ratio(tmp_path, capsys) -> None:
     latency.main(
-        [*ENGINE_FLAGS, "--batch-size", "1", "2", "--input-len", "12", "--output-len", "3",
-         "--save", "--results-dir", str(tmp_path), "--run-name", "smoke"]
+        [
+            *ENGINE_FLAGS,
+            "--batch-size",
+            "1",
+            "2",
+            "--input-len",
+            "12",
+            "--output-len",
+            "8",
+            "--save",
+            "--results-dir",
+            str(tmp_path),
+            "--run-name",
+            "smoke",
+        ]
     )
     records = read_lines(tmp_path / "latency.jsonl")
-    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    printed = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
     assert printed == records
-    assert [(r["batch_size"], r["input_len"], r["output_len"]) for r in records] == [(1, 12, 3), (2, 12, 3)]
+    assert [(r["batch_size"], r["input_len"], r["output_len"]) for r in records] == [
+        (1, 12, 8),
+        (2, 12, 8),
+    ]
     for record in records:
         assert record["run_name"] == "smoke" and record["env"]["device"]
         for engine in ("cubeserve", "hf"):
             result = record[engine]
             assert result["ttft_s"] > 0 and result["decode_ms_per_token"] > 0
             prefill_tokens = record["batch_size"] * record["input_len"]
-            assert result["prefill_tok_s"] == pytest.approx(prefill_tokens / result["ttft_s"], rel=0.02)
+            assert result["prefill_tok_s"] == pytest.approx(
+                prefill_tokens / result["ttft_s"], rel=0.02
+            )
         speedup = record["speedup_vs_hf"]
         assert speedup["decode"] == round(
             record["hf"]["decode_ms_per_token"] / record["cubeserve"]["decode_ms_per_token"], 3
@@ -39,8 +59,21 @@ def test_latency_reports_both_engines_and_their_ratio(tmp_path, capsys) -> None:
 
 
 def test_throughput_skip_hf_appends_results(tmp_path) -> None:
-    args = [*ENGINE_FLAGS, "--num-prompts", "5", "--input-len-range", "4", "20",
-            "--output-len-range", "1", "6", "--skip-hf", "--save", "--results-dir", str(tmp_path)]
+    args = [
+        *ENGINE_FLAGS,
+        "--num-prompts",
+        "5",
+        "--input-len-range",
+        "4",
+        "20",
+        "--output-len-range",
+        "1",
+        "6",
+        "--skip-hf",
+        "--save",
+        "--results-dir",
+        str(tmp_path),
+    ]
     throughput.main(args)
     throughput.main(args)
     first, second = read_lines(tmp_path / "throughput.jsonl")  # appended, not overwritten

@@ -20,7 +20,6 @@ def test_capture_batch_sizes() -> None:
 def test_replayed_decode_matches_eager(tmp_path) -> None:
     pytest.importorskip("triton")
     from model_factory import make_tiny_checkpoint
-
     from transformers import AutoConfig
 
     from cubeserve.engine.model_runner import ModelRunner
@@ -28,8 +27,13 @@ def test_replayed_decode_matches_eager(tmp_path) -> None:
 
     path = make_tiny_checkpoint(tmp_path / "qwen2", "qwen2")
     args = ServerArgs(
-        model_path=str(path), device="cuda", dtype="bfloat16", attention_backend="triton",
-        max_total_tokens=4096, max_running_requests=16, cuda_graph_max_bs=16,
+        model_path=str(path),
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend="triton",
+        max_total_tokens=4096,
+        max_running_requests=16,
+        cuda_graph_max_bs=16,
     )
     runner = ModelRunner(args, AutoConfig.from_pretrained(path))
     graphs = runner.cuda_graph_runner

@@ -45,6 +45,7 @@ def engine_for(checkpoint_dir: Callable[[str], Path]) -> Iterator[Callable[..., 
     engines: dict[tuple, Engine] = {}
 
     def get(family: str = "qwen2", **server_args) -> Engine:
+        server_args.setdefault("max_total_tokens", 4096)  # several engines share one GPU
         key = (family, *sorted(server_args.items()))
         if key not in engines:
             engines[key] = Engine(str(checkpoint_dir(family)), **server_args)

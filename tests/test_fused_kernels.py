@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cubeserve.layers import fused_kernels as fk  # noqa: E402
+from cubeserve.layers import fused_kernels as fk
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -25,9 +25,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 2) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     eps = torch.finfo(expected.dtype).eps
-    torch.testing.assert_close(
-        actual.float(), expected.float(), rtol=ulps * eps, atol=ulps * eps
-    )
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=ulps * eps, atol=ulps * eps)
 
 
 def test_dispatch_uses_torch_on_cpu() -> None:
@@ -56,10 +54,11 @@ def test_torch_references_match_their_definitions() -> None:
     x = torch.randn(3, 2 * 8)
     rotated = fk.rotary_emb_torch(x, angle.cos(), angle.sin(), 8).view(3, 2, 8)
     original = x.view(3, 2, 8)
-    norms = lambda t: t[..., :4].pow(2) + t[..., 4:].pow(2)  # noqa: E731
+    norms = lambda t: t[..., :4].pow(2) + t[..., 4:].pow(2)
     torch.testing.assert_close(norms(rotated), norms(original))
     torch.testing.assert_close(
-        rotated[..., 0], original[..., 0] * angle[:, :, 0].cos() - original[..., 4] * angle[:, :, 0].sin()
+        rotated[..., 0],
+        original[..., 0] * angle[:, :, 0].cos() - original[..., 4] * angle[:, :, 0].sin(),
     )
 
 
@@ -101,7 +100,9 @@ def test_rms_norm_kernel_on_strided_rows() -> None:
     q = fused[:, :64]
     weight = torch.rand(32, device=DEVICE)
     rows = q.reshape(-1, 32)
-    assert_within_ulps(fk.rms_norm_triton(rows, weight, 1e-6), fk.rms_norm_torch(rows, weight, 1e-6))
+    assert_within_ulps(
+        fk.rms_norm_triton(rows, weight, 1e-6), fk.rms_norm_torch(rows, weight, 1e-6)
+    )
 
 
 @needs_triton
@@ -109,12 +110,15 @@ def test_rms_norm_kernel_on_strided_rows() -> None:
 @pytest.mark.parametrize("shape", [(6, 2 * 40), (2, 3, 2 * 18944 if ON_CUDA else 2 * 1100)])
 def test_silu_and_mul_kernel(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     gate_up = 3 * torch.randn(shape, dtype=dtype, device=DEVICE)
-    assert_within_ulps(fk.silu_and_mul_triton(gate_up), fk.silu_and_mul_torch(gate_up))
+    # GPU exp differs from torch's in the last fp32 bit or two.
+    assert_within_ulps(fk.silu_and_mul_triton(gate_up), fk.silu_and_mul_torch(gate_up), ulps=4)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_heads,head_dim", [(3, 16), (28, 128)] if ON_CUDA else [(3, 16), (5, 24)])
+@pytest.mark.parametrize(
+    "num_heads,head_dim", [(3, 16), (28, 128)] if ON_CUDA else [(3, 16), (5, 24)]
+)
 def test_rotary_kernel(dtype: torch.dtype, num_heads: int, head_dim: int) -> None:
     num_tokens, num_kv_heads = 9, 1
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
@@ -125,5 +129,7 @@ def test_rotary_kernel(dtype: torch.dtype, num_heads: int, head_dim: int) -> Non
     cos, sin = table.unsqueeze(1).chunk(2, dim=-1)  # as RotaryEmbedding.forward returns them
     for x in (q, k):
         assert_within_ulps(
-            fk.rotary_emb_triton(x, cos, sin, head_dim), fk.rotary_emb_torch(x, cos, sin, head_dim), ulps=4
+            fk.rotary_emb_triton(x, cos, sin, head_dim),
+            fk.rotary_emb_torch(x, cos, sin, head_dim),
+            ulps=4,
         )

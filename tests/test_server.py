@@ -3,6 +3,7 @@ client and raw HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -10,6 +11,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import ServerProcess
+
+from cubeserve.bench.serving import parse_args as parse_bench_args
+from cubeserve.bench.serving import run as run_bench_async
 
 API_KEY = "sk-cubeserve-test"
 CONTEXT_LENGTH = 1024
@@ -58,7 +62,8 @@ def test_models(client):
 
 
 def test_chat_completion_usage_and_finish(client):
-    response = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=5, extra_body={"ignore_eos": True})
+    response = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=5,
+                                              extra_body={"ignore_eos": True})
     [choice] = response.choices
     assert choice.finish_reason == "length" and choice.message.role == "assistant"
     usage = response.usage
@@ -152,6 +157,11 @@ def test_auth(server, client):
     ("/v1/chat/completions", {"model": "demo", "messages": CHAT, "temperature": -1}, "temperature"),
     ("/v1/chat/completions", {"model": "demo", "messages": CHAT, "top_p": 1.5}, "top_p"),
     ("/v1/chat/completions", {"model": "demo", "messages": CHAT, "n": "two"}, "n"),
+    ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, None),  # text-only model
+    ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "file:///v.mp4", "fps": -1}}]}]},
+     "messages.0.content.0.video_url.fps"),
     ("/v1/completions", {"model": "demo", "prompt": [1] * (CONTEXT_LENGTH + 10)}, None),
     ("/v1/completions", {"model": "demo", "prompt": [10**9]}, None),
     ("/v1/completions", {"model": "demo", "prompt": "x", "stop_token_ids": [10**9]}, None),
@@ -205,3 +215,31 @@ def test_sse_wire_format(server):
         events = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def run_bench(server: ServerProcess, *flags: str) -> dict:
+    args = parse_bench_args(["--base-url", server.url, "--api-key", API_KEY, *flags])
+    return asyncio.run(run_bench_async(args))
+
+
+def test_serving_benchmark_load_random_and_sharegpt(server, tmp_path):
+    report = run_bench(server, "--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "4",
+                       "--request-rate", "20", "--endpoint", "chat")
+    assert report["completed"] == 4 and report["failed"] == 0 and report["model"] == "demo"
+    assert report["total_output_tokens"] == 16 and report["ttft_ms"]["count"] == 4
+    assert set(report["itl_ms"]) == {"mean", "p50", "p90", "p99", "count"}
+    conversations = [{"conversations": [{"from": "human", "value": "Tell me a story about a robot " * 3},
+                                         {"from": "gpt", "value": "Once upon a time there was a robot. " * 2}]}] * 3
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps(conversations))
+    report = run_bench(server, "--dataset", "sharegpt", "--dataset-path", str(dataset), "--num-prompts", "3",
+                       "--sharegpt-output-len", "4")
+    assert report["completed"] == 3 and report["total_output_tokens"] == 12
+
+
+def test_serving_benchmark_interference(server):
+    report = run_bench(server, "--scenario", "interference", "--background-requests", "2",
+                       "--background-output-len", "400", "--inject-requests", "2", "--inject-input-len", "64",
+                       "--inject-output-len", "2", "--inject-interval-s", "0.05", "--baseline-s", "0.3")
+    assert report["itl_before_ms"]["count"] > 0 and report["itl_during_ms"]["count"] > 0
+    assert report["injected"]["completed"] == 2 and report["background"]["failed"] == 0

@@ -17,7 +17,7 @@ from cubeserve.engine.tokenizer_manager import EngineDeadError
 from cubeserve.server.context import ModelInfo, ServingContext
 from cubeserve.server.http_server import create_app
 from cubeserve.server.limits import AdmissionControl
-from cubeserve.server.metrics import ServerMetrics
+from cubeserve.server.metrics import ServerMetrics, ThroughputMeter
 from cubeserve.server_args import ServerArgs
 
 MODEL = "fake-model"
@@ -159,7 +159,7 @@ def test_chat_completion_fields_and_usage():
 def test_chat_request_reaches_manager_as_sampling_params():
     async def scenario(client, manager):
         fields = dict(max_completion_tokens=2, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=7,
-                      repetition_penalty=1.1, stop=["x"], logprobs=True, top_logprobs=2)
+                      repetition_penalty=1.1, stop=["x"], logit_bias={"5": 2.5}, logprobs=True, top_logprobs=2)
         assert (await client.post("/v1/chat/completions", json=chat(**fields))).status_code == 200
         return manager.requests[0]
 
@@ -167,7 +167,8 @@ def test_chat_request_reaches_manager_as_sampling_params():
     assert obj.messages == [{"role": "user", "content": "hello there"}]
     assert obj.sampling_params == {
         "temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "seed": 7,
-        "stop": ["x"], "n": 1, "ignore_eos": False, "skip_special_tokens": True, "max_new_tokens": 2,
+        "stop": ["x"], "logit_bias": {"5": 2.5}, "n": 1, "ignore_eos": False, "skip_special_tokens": True,
+        "spaces_between_special_tokens": True, "max_new_tokens": 2,
     }
     assert obj.return_logprob and obj.top_logprobs_num == 2
 
@@ -308,6 +309,8 @@ def test_metrics_parse():
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"tools": [{"type": "function"}]}, "tools"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"unknown_field": 1}, "unknown_field"),
     ({"model": "other-model"}, "model"),
 ])
@@ -378,8 +381,10 @@ def test_auth():
         assert error["type"] == "authentication_error"
         assert request("GET", path, headers=auth, server_args=server_args).status_code == 200
     wrong = {"Authorization": "Bearer sk-wrong"}
-    assert_error(request("POST", "/v1/chat/completions", json=chat(), headers=wrong, server_args=server_args), 401, None)
-    assert request("POST", "/v1/chat/completions", json=chat(), headers=auth, server_args=server_args).status_code == 200
+    rejected = request("POST", "/v1/chat/completions", json=chat(), headers=wrong, server_args=server_args)
+    assert_error(rejected, 401, None)
+    accepted = request("POST", "/v1/chat/completions", json=chat(), headers=auth, server_args=server_args)
+    assert accepted.status_code == 200
 
 
 def test_queue_full_is_503_with_retry_after():
@@ -405,7 +410,7 @@ def test_request_larger_than_capacity_is_400():
 
 def test_stream_closed_early_aborts_request():
     async def scenario(client, manager):
-        app = client._transport.app  # noqa: SLF001
+        app = client._transport.app
         ctx = app.state.ctx
         from cubeserve.server.serving_common import open_stream
 
@@ -421,3 +426,12 @@ def test_stream_closed_early_aborts_request():
 
     aborted, rid, in_flight = run(scenario)
     assert aborted == [rid] and in_flight == 0
+
+
+def test_throughput_meter_uses_the_last_window():
+    meter = ThroughputMeter(window_s=10.0)
+    assert meter.update(0, now=0.0) == 0.0
+    assert meter.update(100, now=5.0) == 20.0
+    assert meter.update(300, now=12.0) == 25.0  # from t=0: the t=5 sample is less than a window old
+    assert meter.update(400, now=20.0) == 20.0  # from t=5: the t=0 sample is dropped
+    assert meter.update(400, now=40.0) == 0.0

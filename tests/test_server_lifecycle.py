@@ -4,7 +4,10 @@ drains running requests. The radix cache is off so freed slots show as an empty 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -12,7 +15,7 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_process import ServerProcess
+from server_process import REPO_ROOT, ServerProcess
 
 MAX_RUNNING = 2
 MAX_QUEUED = 1
@@ -59,7 +62,8 @@ def long_stream(server: ServerProcess, max_tokens: int = LONG) -> Iterator[Itera
     """An open streaming completion; leaving the block disconnects the client."""
     body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True}
-    with httpx.Client(timeout=60) as client, client.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+    url = f"{server.url}/v1/completions"
+    with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as response:
         assert response.status_code == 200
         yield response.iter_lines()
 
@@ -121,6 +125,30 @@ def test_sigterm_drains_running_requests(cache_dir, tmp_path_factory):
         process.process.wait(30)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{process.url}/health")
-        assert "Shutting down" in process.log()
+        assert "Waiting for connections to close" in process.log()  # uvicorn's drain
     finally:
         process.stop()
+
+
+def launch(*flags: str, module: str = "cubeserve.launch_server") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *flags], capture_output=True, text=True, env=env,
+                          cwd=REPO_ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tp", "2"], "--tp-size > 1 is not implemented"),
+    (["--model-path", "/no/such/model"], "no such directory"),
+    (["--log-level", "loud"], "--log-level"),
+])
+def test_invalid_flags_exit_with_a_message(flags, message):
+    result = launch("serve", *flags, module="cubeserve.cli")
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_busy_port_fails_before_loading_the_model():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = launch("--port", str(busy.getsockname()[1]))
+    assert result.returncode == 1 and "cannot listen on 127.0.0.1" in result.stdout

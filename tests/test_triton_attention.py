@@ -17,16 +17,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from cubeserve.attention import triton_kernels  # noqa: E402
-from cubeserve.attention.base import create_attention_backend  # noqa: E402
-from cubeserve.attention.triton_backend import (  # noqa: E402
+from cubeserve.attention import triton_kernels
+from cubeserve.attention.base import create_attention_backend
+from cubeserve.attention.triton_backend import (
     MAX_KV_SPLITS,
     TritonAttentionBackend,
     max_kv_splits,
 )
-from cubeserve.engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
-from cubeserve.layers.attention import PagedAttention  # noqa: E402
-from cubeserve.mem_cache.kv_pool import KVCache, ReqToTokenPool, TokenSlotAllocator  # noqa: E402
+from cubeserve.engine.forward_batch import ForwardBatch, ForwardMode
+from cubeserve.layers.attention import PagedAttention
+from cubeserve.mem_cache.kv_pool import KVCache, ReqToTokenPool, TokenSlotAllocator
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -178,7 +178,9 @@ class PagedSetup:
         slots = self.allocator.alloc(sum(new_tokens.values())).to(DEVICE)
         offset = 0
         for row, n in new_tokens.items():
-            self.pool.req_to_token[row, self.lens[row] : self.lens[row] + n] = slots[offset : offset + n]
+            self.pool.req_to_token[row, self.lens[row] : self.lens[row] + n] = slots[
+                offset : offset + n
+            ]
             self.lens[row] += n
             offset += n
         positions = torch.cat(
@@ -224,7 +226,9 @@ def test_backend_matches_torch_backend(layout: tuple[int, int, int], dtype: torc
     setup = PagedSetup(layout, dtype)
     first = setup.new_request()
     second = setup.new_request()
-    expected, actual = run_both_backends(setup, setup.batch(ForwardMode.EXTEND, {first: 90, second: 3}))
+    expected, actual = run_both_backends(
+        setup, setup.batch(ForwardMode.EXTEND, {first: 90, second: 3})
+    )
     assert actual.shape == expected.shape == (93, layout[0] * layout[2])
     assert_close(actual, expected, dtype)
 

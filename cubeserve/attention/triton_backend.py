@@ -70,7 +70,9 @@ class TritonAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         device = batch.input_ids.device
         if batch.mode.is_decode:
-            batch.attn_metadata = DecodeMetadata(batch.batch_size, self._parallelism(device), device)
+            batch.attn_metadata = DecodeMetadata(
+                batch.batch_size, self._parallelism(device), device
+            )
             return
         extend_lens = batch.extend_seq_lens_cpu
         prefix_lens = [s - e for s, e in zip(batch.seq_lens_cpu, extend_lens)]

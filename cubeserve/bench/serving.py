@@ -35,13 +35,13 @@ import httpx
 import numpy as np
 
 # Common English words: about one token each for typical BPE vocabularies.
-_WORDS = (
+_WORDS = tuple(
     "the of and to in is was for on are with as by at from that this it be or have an not "
     "but they his her which one all were we when there can more if no out so what up about "
     "into than them some time only new could over after other also many then these two may "
     "first most any where such through back years much before good very well each world "
-    "long between both life being under never day same another know while last might great"
-).split()
+    "long between both life being under never day same another know while last might great".split()
+)
 SHAREGPT_MAX_PROMPT_TOKENS = 1024
 SHAREGPT_MAX_TOTAL_TOKENS = 2048
 MIN_SHAREGPT_TOKENS = 4
@@ -179,7 +179,9 @@ class PromptMaker:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
 
-def random_specs(maker: PromptMaker, num: int, input_len: int, output_len: int, range_ratio: float) -> list[RequestSpec]:
+def random_specs(
+    maker: PromptMaker, num: int, input_len: int, output_len: int, range_ratio: float
+) -> list[RequestSpec]:
     """Lengths uniform in [len * range_ratio, len] (range_ratio 1: fixed lengths)."""
 
     def draw(length: int) -> int:
@@ -303,7 +305,7 @@ async def run_interference(client: httpx.AsyncClient, target: Target, plan: Inte
 
     before, during = [], []
     for result in background_results:
-        for previous, now in zip(result.chunk_times, result.chunk_times[1:]):
+        for previous, now in zip(result.chunk_times, result.chunk_times[1:], strict=False):
             if previous >= inject_start and now <= inject_end:
                 during.append(now - previous)
             elif now < inject_start:

@@ -7,8 +7,8 @@ them in static batches of ``--hf-batch-size``, each padded to its longest prompt
 longest output, the way ``generate`` works. Both count only the requested output tokens.
 One JSON line is printed (and appended to ``<results-dir>/throughput.jsonl`` with ``--save``)::
 
-    python -m cubeserve.bench.throughput --model-path Qwen/Qwen2.5-7B-Instruct --load-format dummy \\
-        --num-prompts 512 --input-len-range 256 1024 --output-len-range 64 256 --save
+    python -m cubeserve.bench.throughput --model-path Qwen/Qwen2.5-7B-Instruct \\
+        --load-format dummy --num-prompts 512 --input-len-range 256 1024 --output-len-range 64 256 --save
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from cubeserve.engine.model_runner import load_model_config
 from cubeserve.server_args import ServerArgs
 
 
-def sample_requests(
-    args: argparse.Namespace, vocab_size: int
-) -> tuple[list[list[int]], list[int]]:
+def sample_requests(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(args.seed)
     input_lens = [rng.randint(*args.input_len_range) for _ in range(args.num_prompts)]
     output_lens = [rng.randint(*args.output_len_range) for _ in range(args.num_prompts)]
@@ -43,7 +41,7 @@ def sample_requests(
 def summarize(seconds: float, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
     input_tokens, output_tokens = sum(map(len, prompts)), sum(output_lens)
     return {
-        "duration_s": round(seconds, 3),
+        "duration_s": round(seconds, 6),
         "request_s": round(len(prompts) / seconds, 3),
         "input_tok_s": round(input_tokens / seconds, 1),
         "output_tok_s": round(output_tokens / seconds, 1),
@@ -62,11 +60,17 @@ def hf_static_batches(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_common_args(parser)
     parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len-range", type=int, nargs=2, default=[128, 512], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    parser.add_argument(
+        "--input-len-range", type=int, nargs=2, default=[128, 512], metavar=("MIN", "MAX")
+    )
+    parser.add_argument(
+        "--output-len-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX")
+    )
     parser.add_argument("--hf-batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     server_args = ServerArgs.from_cli_args(args)
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_hf:
         hf = HFModel(server_args, config)
         hf.generate(warmup_prompts, 2)
-        hf_result = summarize(hf_static_batches(hf, prompts, output_lens, args.hf_batch_size), prompts, output_lens)
+        hf_result = summarize(
+            hf_static_batches(hf, prompts, output_lens, args.hf_batch_size), prompts, output_lens
+        )
         hf.close()
     with start_engine(server_args) as engine:
         cubeserve_generate(engine, warmup_prompts, [2, 2])
@@ -98,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
             "hf_batch_size": None if args.skip_hf else args.hf_batch_size,
             "cubeserve": ours,
             "hf": hf_result,
-            "speedup_vs_hf": None if hf_result is None else ratio(ours["output_tok_s"], hf_result["output_tok_s"]),
+            "speedup_vs_hf": None
+            if hf_result is None
+            else ratio(ours["output_tok_s"], hf_result["output_tok_s"]),
             "env": environment(),
         },
         "throughput",

@@ -73,7 +73,8 @@ class CudaGraphRunner:
         )
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits ``[batch_size, vocab]``: a view of the graph's output, valid until the next replay."""
+        """Logits ``[batch_size, vocab]``: a view of the graph's output, valid until the next
+        replay."""
         bs = batch.batch_size
         padded_bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
         self.input_ids[:bs].copy_(batch.input_ids)
@@ -125,5 +126,6 @@ class CudaGraphRunner:
         self.batch_sizes = batch_sizes
         logger.info(
             "captured CUDA graphs for decode batch sizes %s in %.1f s",
-            batch_sizes, time.perf_counter() - start,
+            batch_sizes,
+            time.perf_counter() - start,
         )

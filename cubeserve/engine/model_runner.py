@@ -128,8 +128,9 @@ class ModelRunner:
         tokens = int(budget // bytes_per_token)
         if tokens < 1:
             raise RuntimeError(
-                f"no memory left for the KV cache on {self.device}; lower the model size or "
-                "raise --mem-fraction-static"
+                f"no {self.device} memory left for the KV cache ({budget / 2**30:.2f} GiB after "
+                "the weights and the activation reserve; is another process using it?): raise "
+                "--mem-fraction-static or set --max-total-tokens"
             )
         return tokens
 

@@ -3,7 +3,7 @@
 Each op has one public function that dispatches (``_use_triton``): a single Triton kernel on
 CUDA tensors, the ``*_torch`` reference elsewhere. Both round like the layers' PyTorch code
 (normalise in float32, round, then scale by the weight; add the residual in the input dtype),
-so switching implementations changes results by at most an ulp of the output dtype.
+so switching implementations changes results only in the last bits of the output dtype.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return impl(gate_up)
 
 
-def rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+def rotary_emb(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
+) -> torch.Tensor:
     """Rotate-half (NeoX) rotary of ``x`` [num_tokens, num_heads * head_dim] by ``cos``/``sin``
     [num_tokens, 1, head_dim // 2] (``RotaryEmbedding.forward``'s output)."""
     impl = rotary_emb_triton if _use_triton(x) else rotary_emb_torch
@@ -140,7 +142,9 @@ if HAS_TRITON:
         x2 = tl.load(X + token * stride_x + first + HALF, mask=mask, other=0.0).to(tl.float32)
         out = Out + token * num_heads * (2 * HALF) + first
         tl.store(out, (x1 * cos[None, :] - x2 * sin[None, :]).to(Out.dtype.element_ty), mask=mask)
-        tl.store(out + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(Out.dtype.element_ty), mask=mask)
+        tl.store(
+            out + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(Out.dtype.element_ty), mask=mask
+        )
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

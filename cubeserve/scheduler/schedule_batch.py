@@ -49,19 +49,18 @@ class ScheduleBatch:
         prefix_lens = [req.kv_len for req in self.reqs]
         seq_lens = [p + n for p, n in zip(prefix_lens, self.extend_lens)]
 
-        positions_t = torch.tensor(positions, dtype=torch.int64)
-        req_to_token_pool.req_to_token[
-            torch.tensor(rows, dtype=torch.int64).to(device), positions_t.to(device)
-        ] = out_cache_loc.to(device)
+        positions_t = _to(positions, torch.int64, device)
+        out_cache_loc = out_cache_loc.to(device, non_blocking=True)
+        req_to_token_pool.req_to_token[_to(rows, torch.int64, device), positions_t] = out_cache_loc
 
         batch = ForwardBatch(
             mode=self.mode,
             batch_size=len(self.reqs),
             input_ids=_to(input_ids, torch.int64, device),
-            positions=positions_t.to(device, non_blocking=True),
+            positions=positions_t,
             req_pool_indices=_to([req.req_pool_idx for req in self.reqs], torch.int64, device),
             seq_lens=_to(seq_lens, torch.int32, device),
-            out_cache_loc=out_cache_loc.to(device, non_blocking=True),
+            out_cache_loc=out_cache_loc,
             seq_lens_cpu=seq_lens,
             req_to_token_pool=req_to_token_pool,
         )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -91,7 +92,7 @@ def field_path(loc: Sequence[Any]) -> str:
     parts: list[str] = []
     for item in loc:
         part = str(item)
-        if part == "body" and not parts or _UNION_MEMBER_LABEL.search(part):
+        if (part == "body" and not parts) or _UNION_MEMBER_LABEL.search(part):
             continue
         if parts and parts[-1] == part:
             continue

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -56,7 +56,6 @@ class _SequenceCursor:
     def __init__(self) -> None:
         self.completion_tokens = 0
         self.logprobs_sent = 0
-        self.last_token_time: float | None = None
 
     def advance(self, chunk: dict[str, Any], index: int, prompt_index: int,
                 token_text: Callable[[int], str]) -> SequenceDelta:
@@ -105,13 +104,13 @@ class _Metered:
     def __init__(self, ctx: ServingContext) -> None:
         self.metrics = ctx.metrics
         self.arrival = time.perf_counter()
-        self.cursor_times: dict[int, float] = {}
+        self.last_token_time: dict[int, float] = {}  # per sequence
 
     def on_delta(self, delta: SequenceDelta) -> None:
         if delta.num_new_tokens <= 0:
             return
         now = time.perf_counter()
-        previous = self.cursor_times.get(delta.index)
+        previous = self.last_token_time.get(delta.index)
         if previous is None:
             self.metrics.ttft.observe(now - self.arrival)
         else:
@@ -119,7 +118,7 @@ class _Metered:
             gap = (now - previous) / delta.num_new_tokens
             for _ in range(delta.num_new_tokens):
                 self.metrics.itl.observe(gap)
-        self.cursor_times[delta.index] = now
+        self.last_token_time[delta.index] = now
         self.metrics.generation_tokens.inc(delta.num_new_tokens)
 
     def on_sequence_finished(self, delta: SequenceDelta) -> None:
@@ -178,23 +177,27 @@ async def generate(
     ctx.admission.acquire(sequences)
     try:
         streams = [_stream_one(ctx, obj, i) for i, obj in enumerate(objs)]
-        async for delta in _merge(streams):
-            yield delta
+        async with aclosing(_merge(streams)) as deltas:
+            async for delta in deltas:
+                yield delta
     finally:
         ctx.admission.release(sequences)
 
 
-async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+async def _merge(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[T]:
+    """Items of all ``streams`` as they come; closing the merge closes every stream."""
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
+        async with aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield item
         return
     queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
 
-    async def pump(stream: AsyncIterator[T]) -> None:
+    async def pump(stream: AsyncGenerator[T, None]) -> None:
         try:
-            async for item in stream:
-                await queue.put((False, item))
+            async with aclosing(stream):
+                async for item in stream:
+                    await queue.put((False, item))
             await queue.put((True, None))
         except Exception as exc:  # handed to the consumer, which re-raises it
             await queue.put((True, exc))

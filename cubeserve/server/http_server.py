@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -20,8 +21,8 @@ from fastapi.responses import Response
 
 from cubeserve import __version__
 from cubeserve.engine.io_struct import EngineStats, GenerateReqInput
-from cubeserve.server.auth import ApiKeyMiddleware
 from cubeserve.engine.tokenizer_manager import TokenizerManager
+from cubeserve.server.auth import ApiKeyMiddleware
 from cubeserve.server.context import ModelInfo, ServingContext
 from cubeserve.server.errors import APIError, install_error_handlers
 from cubeserve.server.limits import AdmissionControl, BodySizeLimitMiddleware
@@ -47,16 +48,18 @@ def get_ctx(request: Request) -> ServingContext:
     return request.app.state.ctx
 
 
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           ctx: ServingContext = Depends(get_ctx)) -> Response:
+Ctx = Annotated[ServingContext, Depends(get_ctx)]
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request, ctx: Ctx) -> Response:
     return await create_chat_completion(ctx, body, request)
 
 
-async def completions(body: CompletionRequest, request: Request, ctx: ServingContext = Depends(get_ctx)) -> Response:
+async def completions(body: CompletionRequest, request: Request, ctx: Ctx) -> Response:
     return await create_completion(ctx, body, request)
 
 
-async def generate(body: GenerateRequest, request: Request, ctx: ServingContext = Depends(get_ctx)) -> Response:
+async def generate(body: GenerateRequest, request: Request, ctx: Ctx) -> Response:
     return await generate_native(ctx, body, request)
 
 
@@ -64,11 +67,11 @@ def _model_card(ctx: ServingContext, created: int) -> ModelCard:
     return ModelCard(id=ctx.model.name, created=created, root=ctx.model.path, max_model_len=ctx.model.context_length)
 
 
-async def list_models(request: Request, ctx: ServingContext = Depends(get_ctx)) -> ModelList:
+async def list_models(request: Request, ctx: Ctx) -> ModelList:
     return ModelList(data=[_model_card(ctx, request.app.state.started_at)])
 
 
-async def retrieve_model(model_id: str, request: Request, ctx: ServingContext = Depends(get_ctx)) -> ModelCard:
+async def retrieve_model(model_id: str, request: Request, ctx: Ctx) -> ModelCard:
     if model_id != ctx.model.name:
         raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
     return _model_card(ctx, request.app.state.started_at)
@@ -79,27 +82,27 @@ async def _engine_stats(ctx: ServingContext) -> EngineStats:
     try:
         # shield: on timeout the reply is still awaited (and dropped), not left unclaimed.
         return await asyncio.wait_for(asyncio.shield(ctx.manager.get_stats()), ENGINE_PROBE_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise APIError(503, f"the engine did not answer within {ENGINE_PROBE_TIMEOUT_S:g}s") from None
 
 
-async def health(ctx: ServingContext = Depends(get_ctx)) -> Response:
+async def health(ctx: Ctx) -> Response:
     """Liveness: the engine process answers."""
     await _engine_stats(ctx)
     return Response(status_code=200)
 
 
-async def health_generate(request: Request, ctx: ServingContext = Depends(get_ctx)) -> Response:
+async def health_generate(request: Request, ctx: Ctx) -> Response:
     """Liveness of the whole path: one greedy token through tokenizer manager and engine."""
     probe = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
     try:
         await asyncio.wait_for(run_to_completion(ctx, request, [probe], admit=False), ENGINE_PROBE_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise APIError(503, f"the engine did not generate a token within {ENGINE_PROBE_TIMEOUT_S:g}s") from None
     return Response(status_code=200)
 
 
-async def metrics(ctx: ServingContext = Depends(get_ctx)) -> Response:
+async def metrics(ctx: Ctx) -> Response:
     return Response(ctx.metrics.render(await _engine_stats(ctx)), media_type=CONTENT_TYPE)
 
 
@@ -117,7 +120,7 @@ def create_app(ctx: ServingContext, server_args: ServerArgs) -> FastAPI:
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/generate", generate, methods=["POST"])
-    app.add_api_route("/v1/models", list_models, methods=["GET"], response_model_exclude_none=True)
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/health_generate", health_generate, methods=["GET"])
@@ -170,10 +173,11 @@ def _url(sock: socket.socket) -> str:
 async def serve(server_args: ServerArgs) -> None:
     """Start the engine, then serve HTTP until SIGTERM / SIGINT, draining requests in flight."""
     sock = bind_socket(server_args.host, server_args.port)
-    manager = TokenizerManager(server_args)
     try:
+        manager = TokenizerManager(server_args)
         await manager.start()
-    except (ValueError, NotImplementedError, OSError) as exc:
+    except (ValueError, NotImplementedError, OSError) as exc:  # bad model, flags or devices
+        sock.close()
         raise StartupError(f"{type(exc).__name__}: {exc}") from exc
     ctx = build_context(manager, server_args)
     config = uvicorn.Config(

@@ -60,9 +60,9 @@ class ChatMessage(RequestModel):
     @field_validator("content")
     @classmethod
     def _media_only_from_user(cls, content: Any, info: ValidationInfo) -> Any:
-        if info.data.get("role") != "user" and isinstance(content, list):
-            if any(not isinstance(part, TextPart) for part in content):
-                raise ValueError("image_url and video_url parts are only allowed in user messages")
+        has_media = isinstance(content, list) and any(not isinstance(part, TextPart) for part in content)
+        if has_media and info.data.get("role") != "user":
+            raise ValueError("image_url and video_url parts are only allowed in user messages")
         return content
 
 
@@ -97,7 +97,8 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    logit_bias: dict[str, float] | None = None
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> bias
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -108,11 +109,6 @@ class SamplingRequest(RequestModel):
         if top_k is not None and top_k != -1 and top_k < 1:
             raise ValueError("top_k must be -1 (disabled) or >= 1")
         return top_k
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, logit_bias: dict | None) -> dict | None:
-        return _reject_unless_default(logit_bias or None, None, "logit_bias")
 
     @field_validator("stream_options")
     @classmethod
@@ -131,12 +127,17 @@ class SamplingRequest(RequestModel):
 
     def sampling_params(self) -> dict[str, Any]:
         """The SGLang ``sampling_params`` dict; unset fields keep the engine's defaults."""
-        names = (
+        optional = (
             "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
-            "presence_penalty", "seed", "stop", "stop_token_ids",
+            "presence_penalty", "seed", "stop", "stop_token_ids", "logit_bias",
         )
-        params: dict[str, Any] = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        params.update(n=self.n, ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens)
+        params: dict[str, Any] = {name: getattr(self, name) for name in optional if getattr(self, name) is not None}
+        params.update(
+            n=self.n,
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+        )
         if self.max_new_tokens is not None:
             params["max_new_tokens"] = self.max_new_tokens
         return params
@@ -312,7 +313,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
-    cubes: Any = None
+    cubes: list[Any] | None = None  # with return_cubes: the cube segments of each video
 
 
 class DeltaMessage(BaseModel):
@@ -335,7 +336,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatCompletionChunkChoice]
     usage: UsageInfo | None = None
-    cubes: Any = None
+    cubes: list[Any] | None = None
 
 
 class CompletionChoice(BaseModel):

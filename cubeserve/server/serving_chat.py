@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -66,7 +67,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     response_id, created = f"chatcmpl-{obj.rid}", int(time.time())
     if body.stream:
         deltas = await open_stream(ctx, request, [obj])
-        return event_stream(_chunks(ctx, body, deltas, response_id, created))
+        return event_stream(deltas, partial(_chunks, ctx, body, response_id, created))
 
     deltas = await run_to_completion(ctx, request, [obj])
     choices = [
@@ -98,8 +99,8 @@ def _first_cubes(body: ChatCompletionRequest, deltas: list[SequenceDelta]) -> li
 
 
 async def _chunks(
-    ctx: ServingContext, body: ChatCompletionRequest, deltas: AsyncIterator[SequenceDelta],
-    response_id: str, created: int,
+    ctx: ServingContext, body: ChatCompletionRequest, response_id: str, created: int,
+    deltas: AsyncIterator[SequenceDelta],
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChatCompletionChunkChoice], **extra: object) -> str:
         return sse_event(ChatCompletionChunk(

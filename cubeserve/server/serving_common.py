@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +122,9 @@ async def run_to_completion(
         raise as_api_error(exc) from exc
 
 
-async def open_stream(ctx: ServingContext, request: Request, objs: list[GenerateReqInput]) -> AsyncIterator[SequenceDelta]:
+async def open_stream(
+    ctx: ServingContext, request: Request, objs: list[GenerateReqInput]
+) -> AsyncGenerator[SequenceDelta, None]:
     """The generation's deltas, after waiting for the first one.
 
     Errors found before the first token (admission, validation) still become an HTTP status;
@@ -135,34 +138,38 @@ async def open_stream(ctx: ServingContext, request: Request, objs: list[Generate
     return _prepend(first, stream)
 
 
-async def _prepend(first: SequenceDelta, rest: AsyncIterator[SequenceDelta]) -> AsyncIterator[SequenceDelta]:
-    try:
+async def _prepend(
+    first: SequenceDelta, rest: AsyncGenerator[SequenceDelta, None]
+) -> AsyncGenerator[SequenceDelta, None]:
+    async with aclosing(rest):
         yield first
         async for item in rest:
             yield item
-    finally:
-        await rest.aclose()  # aborts the engine request if the client left mid-stream
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+def event_stream(
+    deltas: AsyncGenerator[SequenceDelta, None], render: Callable[[AsyncIterator[SequenceDelta]], AsyncIterator[str]]
+) -> StreamingResponse:
+    """A server-sent-event response of ``render(deltas)``. However the response ends (done,
+    error, client gone), ``deltas`` is closed, which aborts the generation if unfinished."""
     return StreamingResponse(
-        _report_errors_in_stream(events),
+        _event_body(deltas, render),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _report_errors_in_stream(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Once the 200 status is sent an error can only be an event (as the OpenAI API does)."""
-    try:
-        async for event in events:
-            yield event
-    except Exception as exc:
-        error = as_api_error(exc)
-        if error is None:
-            logger.exception("error while streaming a response")
-            error = APIError(500, f"internal server error: {type(exc).__name__}")
-        yield sse_event(error_body(error.status_code, error.message, error.param, error.code))
-        yield SSE_DONE
-    finally:
-        await events.aclose()
+async def _event_body(
+    deltas: AsyncGenerator[SequenceDelta, None], render: Callable[[AsyncIterator[SequenceDelta]], AsyncIterator[str]]
+) -> AsyncIterator[str]:
+    async with aclosing(deltas):
+        try:
+            async for event in render(deltas):
+                yield event
+        except Exception as exc:  # once the 200 is sent an error can only be an event, as in OpenAI's API
+            error = as_api_error(exc)
+            if error is None:
+                logger.exception("error while streaming a response")
+                error = APIError(500, f"internal server error: {type(exc).__name__}")
+            yield sse_event(error_body(error.status_code, error.message, error.param, error.code))
+            yield SSE_DONE

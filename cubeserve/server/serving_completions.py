@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -59,7 +60,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
     response_id, created = f"cmpl-{objs[0].rid}", int(time.time())
     if body.stream:
         deltas = await open_stream(ctx, request, objs)
-        return event_stream(_chunks(ctx, body, deltas, response_id, created))
+        return event_stream(deltas, partial(_chunks, ctx, body, response_id, created))
 
     deltas = await run_to_completion(ctx, request, objs)
     choices = [
@@ -79,8 +80,8 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, reques
 
 
 async def _chunks(
-    ctx: ServingContext, body: CompletionRequest, deltas: AsyncIterator[SequenceDelta],
-    response_id: str, created: int,
+    ctx: ServingContext, body: CompletionRequest, response_id: str, created: int,
+    deltas: AsyncIterator[SequenceDelta],
 ) -> AsyncIterator[str]:
     def chunk(choices: list[CompletionChoice], **extra: object) -> str:
         return sse_event(CompletionResponse(

@@ -7,6 +7,7 @@ a batch or ``n > 1``; streamed events carry the cumulative text so far.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from fastapi import Request
@@ -63,14 +64,14 @@ async def generate_native(ctx: ServingContext, body: GenerateRequest, request: R
     is_list = body.is_batch or body.sampling_params.get("n", 1) > 1
     if body.stream:
         deltas = await open_stream(ctx, request, objs)
-        return event_stream(_events(deltas, is_list))
+        return event_stream(deltas, partial(_events, is_list))
 
     results = join_deltas(await run_to_completion(ctx, request, objs))
     outputs = [_output(result.text, result, is_list) for result in results]
     return JSONResponse(outputs if is_list else outputs[0])
 
 
-async def _events(deltas: AsyncIterator[SequenceDelta], with_index: bool) -> AsyncIterator[str]:
+async def _events(with_index: bool, deltas: AsyncIterator[SequenceDelta]) -> AsyncIterator[str]:
     texts: dict[int, str] = {}
     async for delta in deltas:
         texts[delta.index] = texts.get(delta.index, "") + delta.text
