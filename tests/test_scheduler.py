@@ -312,15 +312,17 @@ def test_requests_beyond_the_context_are_aborted_with_a_reason(checkpoint: Path)
 
 class TokenEmbeddingEncoder:
     """A stand-in media encoder: the 'media' are token ids, encoded by the model's own
-    embedding table, so a media request must generate exactly what its text twin does."""
+    embedding table, so a media request must generate exactly what its text twin does. Like
+    the real encode stage it writes content-derived pad ids above the vocabulary."""
 
-    def __init__(self, model: torch.nn.Module, span: slice) -> None:
+    def __init__(self, model: torch.nn.Module, vocab_size: int, span: slice) -> None:
         self.embed = model.get_input_embeddings()
+        self.vocab_size = vocab_size
         self.span = span
 
     def __call__(self, req: Req) -> None:
         media_ids = torch.tensor(req.mm_inputs, device=self.embed.weight.device)
-        req.origin_input_ids[self.span] = [-200] * len(req.mm_inputs)  # placeholder ids
+        req.origin_input_ids[self.span] = [self.vocab_size + t for t in req.mm_inputs]
         req.mm_mask = torch.zeros(len(req.origin_input_ids), dtype=torch.bool)
         req.mm_mask[self.span] = True
         with torch.no_grad():
@@ -333,7 +335,9 @@ def test_media_embeddings_replace_token_embeddings_across_chunks(checkpoint: Pat
     (expected,) = generate(make_scheduler(checkpoint), [text])
 
     scheduler = make_scheduler(checkpoint, chunked_prefill_size=8)
-    scheduler.runner.model.encode_mm_inputs = TokenEmbeddingEncoder(scheduler.runner.model, span)
+    scheduler.mm_encoder = TokenEmbeddingEncoder(
+        scheduler.runner.model, scheduler.runner.vocab_size, span
+    )
     other_media = [(t + 1) % 400 for t in text[span]]
     submit(scheduler, text, "media", mm_inputs=text[span])
     first = run_all(scheduler)["media"]

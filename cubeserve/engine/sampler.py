@@ -111,7 +111,11 @@ def _apply_penalties(logits: torch.Tensor, rows: list[int], reqs: list[SamplingR
 
 
 def _token_counts(seqs: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(seqs), vocab_size] float counts of each token id in each sequence."""
+    """[len(seqs), vocab_size] float counts of each token id in each sequence.
+
+    Ids outside the vocabulary (multimodal pad ids) are not tokens and are not counted.
+    """
+    seqs = [[t for t in seq if 0 <= t < vocab_size] for seq in seqs]
     row_ids = [row for row, seq in enumerate(seqs) for _ in seq]
     flat = _to_device(row_ids, torch.long, device) * vocab_size
     flat += _to_device(list(chain.from_iterable(seqs)), torch.long, device)

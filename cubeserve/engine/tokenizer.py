@@ -5,13 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import transformers
+from transformers import PreTrainedTokenizerBase
 
 GENERATION_CONFIG = "generation_config.json"
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    """The tokenizer in ``path``, built by the class its tokenizer_config names.
+
+    ``AutoTokenizer`` would first build the model's config, which fails for model types
+    transformers does not know (e.g. the original ``quicksviewer_*`` checkpoints).
+    """
+    path = Path(path)
+    tokenizer_config = path / "tokenizer_config.json"
+    cls_name = (
+        json.loads(tokenizer_config.read_text(encoding="utf-8")).get("tokenizer_class")
+        if tokenizer_config.is_file()
+        else None
+    )
+    tokenizer_cls = getattr(transformers, cls_name, None) if cls_name else None
+    if tokenizer_cls is None and (path / "tokenizer.json").is_file():
+        tokenizer_cls = transformers.PreTrainedTokenizerFast
+    if tokenizer_cls is None:
+        tokenizer_cls = transformers.AutoTokenizer
+    return tokenizer_cls.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
 
 
 def get_eos_token_ids(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path | None) -> set[int]:

@@ -29,7 +29,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,12 +58,11 @@ from cubeserve.engine.ipc import (
 )
 from cubeserve.engine.sampling_params import SamplingParams
 from cubeserve.engine.tokenizer import load_tokenizer
+from cubeserve.multimodal.processors import MessagesProcessor, create_messages_processor
 from cubeserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-# (input_ids, mm_inputs) of chat messages; the multimodal processor's entry point.
-MessagesProcessor = Callable[[list[dict[str, Any]]], tuple[list[int], Any]]
 # Prompt tokens kept as context for detokenizing the first output tokens.
 DETOKENIZE_CONTEXT_TOKENS = 5
 ENGINE_WATCH_INTERVAL_MS = 1000
@@ -95,6 +94,7 @@ class _SampleState:
     def update(self, out: TokenOutput) -> str:
         """Apply one engine output; returns the new visible text."""
         self.output_ids += out.new_token_ids
+        self.prompt_tokens = out.prompt_tokens  # counts the expanded media tokens
         self.cached_tokens = out.cached_tokens
         self.finish_reason = out.finish_reason
         if out.mm_meta is not None:
@@ -140,16 +140,18 @@ class TokenizerManager:
     def __init__(
         self, server_args: ServerArgs, messages_processor: MessagesProcessor | None = None
     ) -> None:
-        """``messages_processor`` turns chat messages with media into ``(input_ids,
-        mm_inputs)`` (the multimodal hook); without it messages must be text only."""
+        """``messages_processor`` turns chat messages into ``(input_ids, mm_inputs)``; by
+        default the model's multimodal processor, if it has one (else text-only chat)."""
         if server_args.model_path is None:
             from cubeserve.demo import ensure_demo_model
 
             server_args = dataclasses.replace(server_args, model_path=ensure_demo_model())
         self.server_args = server_args
-        self.messages_processor = messages_processor
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(
             server_args.tokenizer_path or server_args.model_path
+        )
+        self.messages_processor = messages_processor or create_messages_processor(
+            server_args, self.tokenizer
         )
         self.info: EngineInfo | None = None  # set by ``start``
         self._engine: EngineProcess | None = None
@@ -201,7 +203,10 @@ class TokenizerManager:
 
     async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[dict[str, Any]]:
         """Chunks of the request's samples as they are produced (see the module docstring)."""
-        reqs = self.tokenize_request(obj)
+        if obj.messages is not None:  # media decoding must not block the event loop
+            reqs = await asyncio.to_thread(self.tokenize_request, obj)
+        else:
+            reqs = self.tokenize_request(obj)
         if obj.rid in self._sample_rids or any(req.rid in self._queues for req in reqs):
             raise ValueError(f"rid {obj.rid!r} is already in use by a running request")
         queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()

@@ -79,8 +79,13 @@ def cube_segments(item: MediaItem, video: VideoEncoding) -> list[dict[str, float
     ]
 
 
+def create_encode_stage(model: torch.nn.Module) -> MultimodalEncodeStage | None:
+    """The scheduler's ``mm_encoder`` for ``model``; None for text-only models."""
+    return MultimodalEncodeStage(model) if isinstance(model, QuicksviewerForCausalLM) else None
+
+
 class MultimodalEncodeStage:
-    """The scheduler's ``mm_encoder`` hook for Quicksviewer models."""
+    """The scheduler's ``mm_encoder`` for Quicksviewer models."""
 
     def __init__(self, model: QuicksviewerForCausalLM, cache_bytes: int = 2 << 30) -> None:
         self.model = model
@@ -90,6 +95,7 @@ class MultimodalEncodeStage:
         self.device, self.dtype = param.device, param.dtype
         self.cache = EncoderCache(cache_bytes)
 
+    @torch.inference_mode()
     def __call__(self, req: Req) -> None:
         processed: ProcessedRequest = req.mm_inputs
         encoded = [self._encode(item) for item in processed.media]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -36,9 +34,10 @@ class Req:
     top_logprobs_num: int = 0
     stream: bool = False
 
-    # Multimodal: the scheduler's ``mm_encoder`` hook turns ``mm_inputs`` into embeddings that
-    # replace the token embeddings at the prompt positions where ``mm_mask`` is set (it may
-    # also rewrite ``origin_input_ids``, e.g. to expand placeholders). Text requests: all None.
+    # Multimodal: the scheduler's ``mm_encoder`` turns ``mm_inputs`` into embeddings that
+    # replace the token embeddings at the prompt positions where ``mm_mask`` is set, and
+    # rewrites ``origin_input_ids`` so that those positions hold pad ids derived from the media
+    # content hash: the radix cache keys on plain ids. Text requests: all None.
     mm_inputs: Any = None
     mm_embeds: torch.Tensor | None = None  # [mm_mask.sum(), hidden]
     mm_mask: torch.Tensor | None = None  # [len(origin_input_ids)] bool
@@ -70,19 +69,6 @@ class Req:
         return len(self.origin_input_ids) + len(self.output_ids)
 
     @property
-    def cache_key(self) -> list[int]:
-        """``fill_ids`` as the radix cache sees them.
-
-        Multimodal positions all carry the same placeholder token id, so they are keyed by a
-        digest of their embeddings instead: equal keys then imply equal KV.
-        """
-        return self._prompt_key + self.output_ids
-
-    @cached_property
-    def _prompt_key(self) -> list[int]:
-        return _multimodal_key(self.origin_input_ids, self.mm_embeds, self.mm_mask)
-
-    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -103,13 +89,3 @@ class Req:
         """Forget all KV (after the scheduler released it): the request will be recomputed."""
         self.req_pool_idx, self.kv_len, self.prefix_len, self.last_node = None, 0, 0, None
 
-
-def _multimodal_key(
-    input_ids: list[int], mm_embeds: torch.Tensor | None, mm_mask: torch.Tensor | None
-) -> list[int]:
-    if mm_mask is None:
-        return list(input_ids)
-    raw = mm_embeds.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    # Negative, so never equal to a real token id.
-    media_key = -1 - int.from_bytes(hashlib.blake2b(raw, digest_size=7).digest(), "little")
-    return [media_key if is_mm else token for token, is_mm in zip(input_ids, mm_mask.tolist())]

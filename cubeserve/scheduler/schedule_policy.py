@@ -36,7 +36,7 @@ class SchedulePolicy:
 def prefix_match_key(req: Req) -> list[int]:
     """The part of a request that may come from the cache: all but its last token, which must
     be computed to get the logits of the next one."""
-    return req.cache_key[:-1]
+    return req.fill_ids[:-1]
 
 
 class DecodeReservation:

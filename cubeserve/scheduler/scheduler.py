@@ -45,6 +45,7 @@ from cubeserve.engine.model_runner import ModelRunner, load_model_config
 from cubeserve.engine.sampler import SampleOutput, make_generator
 from cubeserve.engine.tokenizer import get_eos_token_ids, load_tokenizer
 from cubeserve.mem_cache.radix_cache import RadixCache
+from cubeserve.multimodal.encode_stage import create_encode_stage
 from cubeserve.scheduler.request import FinishReason, Req
 from cubeserve.scheduler.schedule_batch import ScheduleBatch
 from cubeserve.scheduler.schedule_policy import (
@@ -77,6 +78,7 @@ class Scheduler:
         self.reservation = DecodeReservation()
         self.chunked_prefill_size = server_args.chunked_prefill_size
         self.max_queued_requests = server_args.max_queued_requests
+        self.mm_encoder = create_encode_stage(model_runner.model)
 
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # fully prefilled, in admission order
@@ -123,22 +125,13 @@ class Scheduler:
         else:
             self.waiting.append(req)
 
-    def mm_encoder(self, req: Req) -> None:
-        """Fill ``req.mm_embeds`` / ``req.mm_mask`` from ``req.mm_inputs``.
-
-        Delegates to the model's ``encode_mm_inputs(req)``, which may also rewrite
-        ``req.origin_input_ids`` (placeholder expansion) and set ``req.mm_meta``.
-        """
-        encode = getattr(self.runner.model, "encode_mm_inputs", None)
-        if encode is None:
-            raise ValueError(f"{type(self.runner.model).__name__} does not accept images or videos")
-        encode(req)
-
     def _rejection(self, req: Req) -> str | None:
         """Why ``req`` cannot be served, or None. Runs the multimodal encoder."""
         if len(self.waiting) >= self.max_queued_requests:
             return f"the waiting queue is full ({self.max_queued_requests} requests)"
         if req.mm_inputs is not None:
+            if self.mm_encoder is None:
+                return f"{type(self.runner.model).__name__} does not accept images or videos"
             try:
                 self.mm_encoder(req)
             except Exception as err:  # bad media must fail its request, not the engine
@@ -183,6 +176,8 @@ class Scheduler:
             prefix_cache_hit_tokens=self.tree_cache.stats.hit_tokens,
             prefix_cache_query_tokens=self.tree_cache.stats.query_tokens,
             generated_tokens_total=self.num_generated_tokens,
+            encoder_cache_hits=self.mm_encoder.cache.hits if self.mm_encoder else 0,
+            encoder_cache_queries=self.mm_encoder.cache.queries if self.mm_encoder else 0,
         )
 
     # ------------------------------------------------------------------ one step
@@ -369,7 +364,7 @@ class Scheduler:
         if req.req_pool_idx is None:
             return
         slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len].cpu()
-        already_cached = self.tree_cache.insert(req.cache_key[: req.kv_len], slots)
+        already_cached = self.tree_cache.insert(req.fill_ids[: req.kv_len], slots)
         self.allocator.free(slots[req.prefix_len : already_cached])
         self.tree_cache.dec_lock_ref(req.last_node)
         self.req_to_token_pool.free(req.req_pool_idx)
@@ -380,7 +375,7 @@ class Scheduler:
         if self.tree_cache.disable:
             return
         row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
-        key = req.cache_key[: req.kv_len]
+        key = req.fill_ids[: req.kv_len]
         slots = row[: req.kv_len].cpu()
         already_cached = self.tree_cache.insert(key, slots)
         self.allocator.free(slots[req.prefix_len : already_cached])

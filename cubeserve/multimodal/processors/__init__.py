@@ -1,0 +1,38 @@
+"""Per-model multimodal processors: chat messages with media -> prompt token ids + media tensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from cubeserve.server_args import ServerArgs
+
+# (input_ids, mm_inputs) of chat messages; mm_inputs is None when they carry no media.
+MessagesProcessor = Callable[[list[dict[str, Any]]], tuple[list[int], Any]]
+
+
+def create_messages_processor(
+    server_args: ServerArgs, tokenizer: PreTrainedTokenizerBase
+) -> MessagesProcessor | None:
+    """The processor of the checkpoint at ``server_args.model_path``; None for text-only models."""
+    config = json.loads((Path(server_args.model_path) / "config.json").read_text(encoding="utf-8"))
+    if not str(config.get("model_type", "")).startswith("quicksviewer"):
+        return None
+    from cubeserve.multimodal.processors.quicksviewer import QuicksviewerProcessor
+
+    processor = QuicksviewerProcessor.from_pretrained(
+        server_args.model_path,
+        tokenizer=tokenizer,
+        conv_template=server_args.chat_template,
+        allowed_local_media_path=server_args.allowed_local_media_path,
+    )
+
+    def process(messages: list[dict[str, Any]]) -> tuple[list[int], Any]:
+        processed = processor.process(messages)
+        return processed.input_ids, (processed if processed.media else None)
+
+    return process

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cubeserve.engine.tokenizer import load_tokenizer
 from cubeserve.multimodal.image import (
     PixelNormalization,
     anyres_views,
@@ -206,29 +207,6 @@ def _image_size(preprocessor_config: dict) -> int:
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"cannot read the image size from the preprocessor config: {size!r}")
     return size
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The model's tokenizer, loaded by the class its tokenizer_config names.
-
-    ``AutoTokenizer`` would first try to build the model's config, which fails (or warns) for
-    the original ``quicksviewer_*`` model types; Llama-3 tokenizers are fast-only.
-    """
-    import transformers
-
-    model_dir = Path(model_dir)
-    tokenizer_config = model_dir / "tokenizer_config.json"
-    cls_name = (
-        json.loads(tokenizer_config.read_text()).get("tokenizer_class")
-        if tokenizer_config.is_file()
-        else None
-    )
-    tokenizer_cls = getattr(transformers, cls_name, None) if cls_name else None
-    if tokenizer_cls is None and (model_dir / "tokenizer.json").is_file():
-        tokenizer_cls = transformers.PreTrainedTokenizerFast
-    if tokenizer_cls is None:
-        tokenizer_cls = transformers.AutoTokenizer
-    return tokenizer_cls.from_pretrained(str(model_dir))
 
 
 # --------------------------------------------------------------------------- outputs
