@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -44,7 +44,6 @@ class ServerArgs:
     allowed_local_media_path: str | None = None
     max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -99,12 +98,12 @@ class ServerArgs:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> ServerArgs:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(kwargs) - names
         if unknown:
             raise TypeError(f"unknown server args: {sorted(unknown)}")

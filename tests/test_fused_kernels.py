@@ -133,3 +133,16 @@ def test_rotary_kernel(dtype: torch.dtype, num_heads: int, head_dim: int) -> Non
             fk.rotary_emb_torch(x, cos, sin, head_dim),
             ulps=4,
         )
+
+
+def test_enable_torch_compile_routes_ops_through_compiled_references(monkeypatch) -> None:
+    monkeypatch.setattr(fk, "_compiled", {})
+    fk.enable_torch_compile()
+    assert set(fk._compiled) == {"rms_norm", "silu_and_mul", "rotary_emb"}
+    calls: list[int] = []
+    compiled = fk._compiled["silu_and_mul"]
+    fk._compiled["silu_and_mul"] = lambda x: calls.append(x.shape[0]) or compiled(x)
+    for rows in (3, 7):  # dynamic shapes: one compilation serves both
+        gate_up = torch.randn(rows, 2 * 48)
+        torch.testing.assert_close(fk.silu_and_mul(gate_up), fk.silu_and_mul_torch(gate_up))
+    assert calls == [3, 7]

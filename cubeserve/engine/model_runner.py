@@ -20,6 +20,7 @@ from transformers import AutoConfig, PretrainedConfig
 from cubeserve.attention.base import AttentionBackend, create_attention_backend
 from cubeserve.engine.forward_batch import ForwardBatch
 from cubeserve.engine.sampler import SampleOutput, Sampler, SamplingReq
+from cubeserve.layers.fused_kernels import enable_torch_compile
 from cubeserve.mem_cache.kv_pool import KVCache, ReqToTokenPool, TokenSlotAllocator
 from cubeserve.models.registry import ModelRegistry
 from cubeserve.models.weights import load_model
@@ -90,6 +91,8 @@ class ModelRunner:
             server_args.attention_backend or default_attention_backend(self.device)
         )
         self.sampler = Sampler()
+        if server_args.enable_torch_compile:
+            enable_torch_compile()
         self.cuda_graph_runner = self._init_cuda_graphs()
         logger.info(
             "model %s on %s (%s): KV pool %d tokens, context %d, max running requests %d",

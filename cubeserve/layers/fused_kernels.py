@@ -1,7 +1,8 @@
 """Fused elementwise ops of the decoder layers: RMSNorm (+ residual add), SiLU-and-mul, rotary.
 
-Each op has one public function that dispatches (``_use_triton``): a single Triton kernel on
-CUDA tensors, the ``*_torch`` reference elsewhere. Both round like the layers' PyTorch code
+Each op has one public function that dispatches: a single hand-written Triton kernel on CUDA
+tensors, the ``*_torch`` reference elsewhere, or, after ``enable_torch_compile()``
+(``--enable-torch-compile``), the reference compiled by ``torch.compile`` on any device. Both round like the layers' PyTorch code
 (normalise in float32, round, then scale by the weight; add the residual in the input dtype),
 so switching implementations changes results only in the last bits of the output dtype.
 """
@@ -9,6 +10,7 @@ so switching implementations changes results only in the last bits of the output
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,10 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def _use_triton(x: torch.Tensor) -> bool:
     return HAS_TRITON and x.is_cuda
+
+
+# Op name -> torch.compile'd reference, once ``enable_torch_compile`` ran (in this process).
+_compiled: dict[str, Callable] = {}
 
 
 # ---- PyTorch references ------------------------------------------------------------------
@@ -53,13 +59,15 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
-    impl = rms_norm_triton if _use_triton(x) else rms_norm_torch
+    impl = _compiled.get("rms_norm") or (rms_norm_triton if _use_triton(x) else rms_norm_torch)
     return impl(x, weight, eps, residual)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a ``[..., 2 * d]`` tensor laid out ``[gate | up]``."""
-    impl = silu_and_mul_triton if _use_triton(gate_up) else silu_and_mul_torch
+    impl = _compiled.get("silu_and_mul") or (
+        silu_and_mul_triton if _use_triton(gate_up) else silu_and_mul_torch
+    )
     return impl(gate_up)
 
 
@@ -68,8 +76,16 @@ def rotary_emb(
 ) -> torch.Tensor:
     """Rotate-half (NeoX) rotary of ``x`` [num_tokens, num_heads * head_dim] by ``cos``/``sin``
     [num_tokens, 1, head_dim // 2] (``RotaryEmbedding.forward``'s output)."""
-    impl = rotary_emb_triton if _use_triton(x) else rotary_emb_torch
+    impl = _compiled.get("rotary_emb") or (rotary_emb_triton if _use_triton(x) else rotary_emb_torch)
     return impl(x, cos, sin, head_dim)
+
+
+def enable_torch_compile() -> None:
+    """Route the three ops through ``torch.compile`` of their references (dynamic shapes, so
+    one compilation serves every batch size; compiled lazily at the first call)."""
+    references = {"rms_norm": rms_norm_torch, "silu_and_mul": silu_and_mul_torch,
+                  "rotary_emb": rotary_emb_torch}
+    _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in references.items()})
 
 
 # ---- Triton ------------------------------------------------------------------------------
