@@ -17,12 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+from cubeserve.log import configure_logging
 from cubeserve.server.http_server import StartupError, serve
 from cubeserve.server_args import ServerArgs
 
 API_KEY_ENV = "CUBESERVE_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 logger = logging.getLogger("cubeserve.launch_server")
 
@@ -56,10 +56,6 @@ def parse_server_args(argv: list[str] | None) -> ServerArgs:
 def _looks_like_path(name: str) -> bool:
     """A filesystem path rather than a model id of the local Hugging Face cache ("org/name")."""
     return name.startswith((os.sep, ".", "~"))
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stdout, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:

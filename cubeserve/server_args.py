@@ -33,6 +33,10 @@ class ServerArgs:
     max_running_requests: int | None = None
     max_queued_requests: int = 1024
     chunked_prefill_size: int = 2048
+    # Running requests decode inside prefill forwards (SGLang's mixed chunked prefill). On by
+    # default, unlike SGLang: a long video's prompt spans many chunks, and prefill-only
+    # forwards would stall every running stream for all of them.
+    enable_mixed_chunk: bool = True
     schedule_policy: str = "fcfs"
     attention_backend: str | None = None
     tp_size: int = 1
@@ -42,6 +46,7 @@ class ServerArgs:
     cuda_graph_max_bs: int = 64
     random_seed: int = 0
     allowed_local_media_path: str | None = None
+    mm_processor_cache_mb: int = 4096  # decoded media kept by the frontend; 0 disables
     max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
 
@@ -61,6 +66,8 @@ class ServerArgs:
             )
         if self.chunked_prefill_size < 1:
             raise ValueError("--chunked-prefill-size must be >= 1")
+        if self.mm_processor_cache_mb < 0:
+            raise ValueError("--mm-processor-cache-mb must be >= 0")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
 
@@ -84,6 +91,10 @@ class ServerArgs:
         add("--max-running-requests", type=int, default=None)
         add("--max-queued-requests", type=int, default=1024)
         add("--chunked-prefill-size", type=int, default=2048)
+        add("--enable-mixed-chunk", action="store_true", default=True,
+            help="decode running requests in the same forward as prompt chunks (default)")
+        add("--disable-mixed-chunk", dest="enable_mixed_chunk", action="store_false",
+            help="prefill-only forwards: running requests wait while prompts are prefilled")
         add("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES)
         add("--attention-backend", default=None, help="torch or triton (default: triton on CUDA)")
         add("--tp-size", "--tp", dest="tp_size", type=int, default=1)
@@ -93,6 +104,8 @@ class ServerArgs:
         add("--cuda-graph-max-bs", type=int, default=64)
         add("--random-seed", type=int, default=0)
         add("--allowed-local-media-path", default=None)
+        add("--mm-processor-cache-mb", type=int, default=4096,
+            help="decoded videos/images kept for repeat requests (MiB); 0 disables")
         add("--max-request-bytes", type=int, default=64 * 1024 * 1024)
         add("--log-level", default="info")
 

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from cubeserve.attention.base import create_attention_backend
+from cubeserve.demo import randomize_weights
 from cubeserve.engine.forward_batch import ForwardBatch, ForwardMode
 from cubeserve.mem_cache.kv_pool import KVCache, ReqToTokenPool, TokenSlotAllocator
 from cubeserve.models.registry import ModelRegistry
@@ -68,15 +69,6 @@ def tiny_config(
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     return config_cls(**{**kwargs, **overrides})
-
-
-def randomize_weights(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
-    """Non-trivial values everywhere (HF's zero biases and unit norms would hide loading bugs)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator) * std
-            param.copy_(noise + 1.0 if "norm" in name else noise)
 
 
 def make_tiny_checkpoint(

@@ -10,15 +10,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
-    "bench", "device", "dtype", "num_prompts", "input_len", "output_len", "cubeserve_output_tok_s",
-    "hf_output_tok_s", "speedup", "greedy_outputs_match", "date", "torch", "transformers",
+    "bench", "run_name", "model", "device", "dtype", "num_prompts", "input_len", "output_len",
+    "cubeserve_output_tok_s", "hf_output_tok_s", "speedup", "greedy_outputs_match", "env",
 }  # fmt: skip
 
 
-def test_prints_one_json_line_and_matches_hf_greedy(tmp_path: Path) -> None:
+def test_prints_one_json_line_and_matches_hf_greedy(demo_cache_dir: Path) -> None:
     command = [sys.executable, "-m", "cubeserve.bench.offline", "--device", "cpu"]
     command += ["--num-prompts", "3", "--input-len", "8", "--output-len", "6"]
-    env = {**os.environ, "CUBESERVE_CACHE": str(tmp_path)}
+    env = {**os.environ, "CUBESERVE_CACHE": str(demo_cache_dir)}
     result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from cubeserve.demo import write_demo_tokenizer
 from cubeserve.engine.chat_template import apply_chat_template
 
 MESSAGES = [
@@ -17,15 +16,10 @@ MESSAGES = [
 CHATML_EXPECTED = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
-    return write_demo_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
 @pytest.fixture
-def bare_tokenizer(tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch) -> PreTrainedTokenizerBase:
-    monkeypatch.setattr(tokenizer, "chat_template", None)
-    return tokenizer
+def bare_tokenizer(demo_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch) -> PreTrainedTokenizerBase:
+    monkeypatch.setattr(demo_tokenizer, "chat_template", None)
+    return demo_tokenizer
 
 
 @pytest.mark.parametrize("name", ["chatml", "qwen2"])
@@ -33,8 +27,8 @@ def test_builtin_chatml(bare_tokenizer: PreTrainedTokenizerBase, name: str) -> N
     assert apply_chat_template(bare_tokenizer, MESSAGES, name) == CHATML_EXPECTED
 
 
-def test_without_generation_prompt(tokenizer: PreTrainedTokenizerBase) -> None:
-    text = apply_chat_template(tokenizer, MESSAGES, "chatml", add_generation_prompt=False)
+def test_without_generation_prompt(demo_tokenizer: PreTrainedTokenizerBase) -> None:
+    text = apply_chat_template(demo_tokenizer, MESSAGES, "chatml", add_generation_prompt=False)
     assert text == CHATML_EXPECTED.removesuffix("<|im_start|>assistant\n")
 
 
@@ -54,8 +48,8 @@ def test_template_file(bare_tokenizer: PreTrainedTokenizerBase, tmp_path: Path) 
     assert apply_chat_template(bare_tokenizer, MESSAGES, str(path)) == "[system] Be brief.\n[user] Hi!\n"
 
 
-def test_tokenizer_own_template(tokenizer: PreTrainedTokenizerBase) -> None:
-    assert apply_chat_template(tokenizer, MESSAGES) == CHATML_EXPECTED
+def test_tokenizer_own_template(demo_tokenizer: PreTrainedTokenizerBase) -> None:
+    assert apply_chat_template(demo_tokenizer, MESSAGES) == CHATML_EXPECTED
 
 
 def test_missing_template_is_a_clear_error(bare_tokenizer: PreTrainedTokenizerBase) -> None:
@@ -65,12 +59,12 @@ def test_missing_template_is_a_clear_error(bare_tokenizer: PreTrainedTokenizerBa
         apply_chat_template(bare_tokenizer, MESSAGES, "no_such_template")
 
 
-def test_bad_role_is_named(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_bad_role_is_named(demo_tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(ValueError, match="'wizard'"):
-        apply_chat_template(tokenizer, [{"role": "wizard", "content": "hi"}])
+        apply_chat_template(demo_tokenizer, [{"role": "wizard", "content": "hi"}])
 
 
-def test_content_parts_keep_only_text(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_content_parts_keep_only_text(demo_tokenizer: PreTrainedTokenizerBase) -> None:
     messages = [
         {
             "role": "user",
@@ -83,12 +77,12 @@ def test_content_parts_keep_only_text(tokenizer: PreTrainedTokenizerBase) -> Non
         {"role": "assistant", "content": None},
         {"role": "tool", "content": "42"},
     ]
-    text = apply_chat_template(tokenizer, messages, add_generation_prompt=False)
+    text = apply_chat_template(demo_tokenizer, messages, add_generation_prompt=False)
     assert text == (
         "<|im_start|>user\nDescribe this.<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n"
     )
     with pytest.raises(ValueError, match="'type'"):
-        apply_chat_template(tokenizer, [{"role": "user", "content": [{"text": "untyped"}]}])
+        apply_chat_template(demo_tokenizer, [{"role": "user", "content": [{"text": "untyped"}]}])
 
 
 def test_template_errors_become_value_errors(bare_tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:

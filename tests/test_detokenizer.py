@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from cubeserve.demo import DEMO_CORPUS, write_demo_tokenizer
+from cubeserve.demo import DEMO_CORPUS
 from cubeserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, tail_contains_stop
 
 TEXTS = [
@@ -17,11 +17,6 @@ TEXTS = [
     "<|im_start|>assistant\nSure! 42 apples<|im_end|> trailing",
     "Ünïcödé  spaces\n\nand\ttabs",
 ]
-
-
-@pytest.fixture(scope="module")
-def byte_bpe(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
-    return write_demo_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +40,7 @@ def stream(detok: IncrementalDetokenizer, ids: list[int], rng: random.Random) ->
     return deltas
 
 
-@pytest.mark.parametrize("tokenizer_name", ["byte_bpe", "metaspace_bpe"])
+@pytest.mark.parametrize("tokenizer_name", ["demo_tokenizer", "metaspace_bpe"])
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("text", TEXTS)
 def test_stream_equals_full_decode(
@@ -61,22 +56,22 @@ def test_stream_equals_full_decode(
         assert "".join(deltas) + detok.flush() == full
 
 
-def test_multibyte_characters_are_held_until_complete(byte_bpe: PreTrainedTokenizerBase) -> None:
-    ids = byte_bpe.encode("a世", add_special_tokens=False)
+def test_multibyte_characters_are_held_until_complete(demo_tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = demo_tokenizer.encode("a世", add_special_tokens=False)
     assert len(ids) >= 3  # "世" is three byte tokens in the tiny vocabulary
-    detok = IncrementalDetokenizer(byte_bpe)
+    detok = IncrementalDetokenizer(demo_tokenizer)
     deltas = [detok.step([token]) for token in ids]
     assert deltas[0] == "a"
     assert deltas[1:-1] == [""] * (len(ids) - 2)
     assert deltas[-1] == "世"
 
 
-def test_flush_releases_an_incomplete_character(byte_bpe: PreTrainedTokenizerBase) -> None:
-    ids = byte_bpe.encode("ok 世", add_special_tokens=False)[:-1]  # cut inside the character
-    detok = IncrementalDetokenizer(byte_bpe)
+def test_flush_releases_an_incomplete_character(demo_tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = demo_tokenizer.encode("ok 世", add_special_tokens=False)[:-1]  # cut inside the character
+    detok = IncrementalDetokenizer(demo_tokenizer)
     streamed = detok.step(ids)
     assert "\ufffd" not in streamed
-    assert streamed + detok.flush() == byte_bpe.decode(ids)
+    assert streamed + detok.flush() == demo_tokenizer.decode(ids)
 
 
 def test_prompt_tail_gives_the_first_token_its_context(metaspace_bpe: PreTrainedTokenizerBase) -> None:
@@ -153,12 +148,12 @@ def test_empty_stop_string_rejected() -> None:
         StopStringMatcher(["ok", ""])
 
 
-def test_tail_contains_stop(byte_bpe: PreTrainedTokenizerBase) -> None:
-    ids = byte_bpe.encode("the answer is 42. 世界", add_special_tokens=False)
-    assert tail_contains_stop(byte_bpe, ids, ["42."], max_stop_len=3) == "42."
-    later = ids + byte_bpe.encode(" and" * 20, add_special_tokens=False)
-    assert tail_contains_stop(byte_bpe, later, ["42."], max_stop_len=3) is None  # no longer in the tail
-    assert tail_contains_stop(byte_bpe, ids, ["世界", "nope"], max_stop_len=4) == "世界"
-    assert tail_contains_stop(byte_bpe, ids, ["is 42", "42. 世"], max_stop_len=20) == "is 42"
-    assert tail_contains_stop(byte_bpe, ids, [], max_stop_len=0) is None
-    assert tail_contains_stop(byte_bpe, [], ["x"], max_stop_len=1) is None
+def test_tail_contains_stop(demo_tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = demo_tokenizer.encode("the answer is 42. 世界", add_special_tokens=False)
+    assert tail_contains_stop(demo_tokenizer, ids, ["42."], max_stop_len=3) == "42."
+    later = ids + demo_tokenizer.encode(" and" * 20, add_special_tokens=False)
+    assert tail_contains_stop(demo_tokenizer, later, ["42."], max_stop_len=3) is None  # no longer in the tail
+    assert tail_contains_stop(demo_tokenizer, ids, ["世界", "nope"], max_stop_len=4) == "世界"
+    assert tail_contains_stop(demo_tokenizer, ids, ["is 42", "42. 世"], max_stop_len=20) == "is 42"
+    assert tail_contains_stop(demo_tokenizer, ids, [], max_stop_len=0) is None
+    assert tail_contains_stop(demo_tokenizer, [], ["x"], max_stop_len=1) is None

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_factory import FAMILIES, load_hf_model, make_tiny_checkpoint
+from model_factory import FAMILIES, load_hf_model
 
-from cubeserve.demo import write_demo_tokenizer
 from cubeserve.engine.engine import Engine
 
 PROMPT_LENS = [3, 9, 17, 24, 31, 40, 50, 66]
@@ -26,21 +25,7 @@ GREEDY = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    paths: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in paths:
-            path = tmp_path_factory.mktemp(family)
-            tokenizer = write_demo_tokenizer(path)
-            paths[family] = make_tiny_checkpoint(path, family, vocab_size=len(tokenizer))
-        return paths[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def engine_for(checkpoint_dir: Callable[[str], Path]) -> Iterator[Callable[..., Engine]]:
+def engine_for(tiny_checkpoint: Callable[[str], Path]) -> Iterator[Callable[..., Engine]]:
     """One shared Engine per (family, options) for the whole module."""
     engines: dict[tuple, Engine] = {}
 
@@ -48,7 +33,7 @@ def engine_for(checkpoint_dir: Callable[[str], Path]) -> Iterator[Callable[..., 
         server_args.setdefault("max_total_tokens", 4096)  # several engines share one GPU
         key = (family, *sorted(server_args.items()))
         if key not in engines:
-            engines[key] = Engine(str(checkpoint_dir(family)), **server_args)
+            engines[key] = Engine(str(tiny_checkpoint(family)), **server_args)
         return engines[key]
 
     yield get
@@ -84,12 +69,12 @@ def wait_until_idle(engine: Engine, timeout_s: float = 30.0) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_chunked_batch_matches_transformers(engine_for, checkpoint_dir, family: str) -> None:
+def test_chunked_batch_matches_transformers(engine_for, tiny_checkpoint, family: str) -> None:
     engine = engine_for(family, chunked_prefill_size=16)
     prompts = token_prompts(PROMPT_LENS)
     results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
     assert [r["output_ids"] for r in results] == hf_greedy(
-        checkpoint_dir(family), prompts, NEW_TOKENS
+        tiny_checkpoint(family), prompts, NEW_TOKENS
     )
     for result, prompt in zip(results, prompts):
         meta = result["meta_info"]
@@ -97,14 +82,14 @@ def test_chunked_batch_matches_transformers(engine_for, checkpoint_dir, family: 
         assert meta["finish_reason"] == {"type": "length", "matched": None}
 
 
-def test_tiny_pool_finishes_every_request_correctly(engine_for, checkpoint_dir) -> None:
+def test_tiny_pool_finishes_every_request_correctly(engine_for, tiny_checkpoint) -> None:
     # The longest request (66 + 32 tokens) just fits, the batch needs far more.
     engine = engine_for("qwen2", max_total_tokens=100, chunked_prefill_size=16)
     assert engine.get_stats().kv_pool_capacity_tokens == 100
     prompts = token_prompts(PROMPT_LENS)
     results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
     assert [r["output_ids"] for r in results] == hf_greedy(
-        checkpoint_dir("qwen2"), prompts, NEW_TOKENS
+        tiny_checkpoint("qwen2"), prompts, NEW_TOKENS
     )
     wait_until_idle(engine)
     assert engine.get_stats().kv_pool_used_tokens == 0
@@ -240,9 +225,9 @@ def test_invalid_requests_raise_value_error(engine_for, kwargs: dict, message: s
     assert engine.get_stats().num_waiting_reqs == 0
 
 
-def test_startup_errors_are_raised_in_the_caller(checkpoint_dir, tmp_path: Path) -> None:
+def test_startup_errors_are_raised_in_the_caller(tiny_checkpoint, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
-    shutil.copytree(checkpoint_dir("qwen2"), broken)
+    shutil.copytree(tiny_checkpoint("qwen2"), broken)
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(
         json.dumps({**config, "architectures": ["NoSuchForCausalLM"]})

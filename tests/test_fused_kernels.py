@@ -6,14 +6,8 @@ conversion truncates instead of rounding: tolerances allow an ulp or two of the 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-# Triton picks interpreter or compiler when it is imported: choose before the first import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cubeserve.layers import fused_kernels as fk
 

@@ -3,13 +3,12 @@ stop conditions, policies and multimodal rows, on a tiny random Qwen2 checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from model_factory import make_tiny_checkpoint
 
-from cubeserve.demo import write_demo_tokenizer
 from cubeserve.engine.forward_batch import ForwardMode
 from cubeserve.engine.io_struct import TokenizedGenerateReq, TokenOutput
 from cubeserve.engine.model_runner import ModelRunner, load_model_config
@@ -26,10 +25,8 @@ MAX_NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("qwen2")
-    tokenizer = write_demo_tokenizer(path)
-    return make_tiny_checkpoint(path, "qwen2", vocab_size=len(tokenizer))
+def checkpoint(tiny_checkpoint: Callable[[str], Path]) -> Path:
+    return tiny_checkpoint("qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +66,12 @@ def submit(
 
 def collect(outputs: list[TokenOutput], results: dict[str, dict]) -> None:
     for out in outputs:
-        result = results.setdefault(out.rid, {"ids": [], "finish": None, "cached": 0})
+        result = results.setdefault(
+            out.rid, {"ids": [], "finish": None, "cached": 0, "logprobs": [], "top_logprobs": []}
+        )
         result["ids"] += out.new_token_ids
+        result["logprobs"] += out.new_logprobs or []
+        result["top_logprobs"] += out.new_top_logprobs or []
         result["finish"] = out.finish_reason
         result["cached"] = out.cached_tokens
 
@@ -218,14 +219,17 @@ def test_shared_prefixes_hit_the_cache_with_unchanged_outputs(checkpoint: Path) 
     assert stats.prefix_cache_query_tokens == sum(map(len, inputs))
 
 
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "prefill-only"])
 def test_tiny_pool_retracts_and_still_finishes_everything_correctly(
-    checkpoint: Path, reference: list[list[int]]
+    checkpoint: Path, reference: list[list[int]], mixed: bool
 ) -> None:
     # The longest request (40 + 24 tokens) just fits; all together need far more.
-    scheduler = make_scheduler(checkpoint, max_total_tokens=72, chunked_prefill_size=16)
+    scheduler = make_scheduler(
+        checkpoint, max_total_tokens=72, chunked_prefill_size=16, enable_mixed_chunk=mixed
+    )
     results = generate(scheduler, prompts(PROMPT_LENS))
     assert [r["ids"] for r in results] == reference
-    assert scheduler.num_retracted_reqs > 0
+    assert scheduler.get_stats().num_retracted_reqs == scheduler.num_retracted_reqs > 0
     assert_pool_empty_after_flush(scheduler)
 
 
@@ -370,3 +374,170 @@ def test_decode_batches_carry_every_running_request(checkpoint: Path) -> None:
     assert len(scheduler.running) == 3
     batch = scheduler._schedule_decode()
     assert batch.mode is ForwardMode.DECODE and [r.rid for r in batch.reqs] == ["0", "1", "2"]
+
+
+# ---------------------------------------------------------------------------- mixed chunks
+
+
+def record_batches(scheduler: Scheduler) -> list[ScheduleBatch]:
+    """Every batch the scheduler runs from now on, in order."""
+    batches: list[ScheduleBatch] = []
+    run_batch = scheduler._run_batch
+
+    def recording(batch: ScheduleBatch) -> None:
+        batches.append(batch)
+        run_batch(batch)
+
+    scheduler._run_batch = recording
+    return batches
+
+
+def is_mixed(batch: ScheduleBatch) -> bool:
+    return batch.mode is ForwardMode.EXTEND and 0 < batch.num_decoding < len(batch.reqs)
+
+
+def test_mixed_batch_appends_decode_tokens_after_the_prompt_chunks() -> None:
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[3:9] = True
+    media = Req(
+        rid="mm",
+        origin_input_ids=list(range(100, 112)),
+        sampling_params=greedy(),
+        mm_embeds=torch.arange(6, dtype=torch.float32).unsqueeze(1),
+        mm_mask=mask,
+    )
+    decoding = Req(
+        rid="decoding", origin_input_ids=[1, 2, 3], sampling_params=greedy(), output_ids=[7, 8]
+    )
+    pool = ReqToTokenPool(2, 32, "cpu")
+    media.req_pool_idx, decoding.req_pool_idx = pool.alloc(), pool.alloc()
+    media.kv_len, decoding.kv_len = 4, 4  # the chunk [4, 8); the decode of output 8 at 4
+
+    batch = ScheduleBatch.extend([media], [4]).mixed_with_decode([decoding])
+    assert batch.prefill_reqs == [media] and batch.num_new_tokens == 5
+    forward = batch.to_forward_batch(torch.arange(1, 6), pool, torch.device("cpu"))
+    assert forward.mode is ForwardMode.EXTEND
+    assert forward.input_ids.tolist() == [104, 105, 106, 107, 8]
+    assert forward.positions.tolist() == [4, 5, 6, 7, 4]
+    assert forward.extend_prefix_lens_cpu == [4, 4] and forward.extend_seq_lens_cpu == [4, 1]
+    assert forward.mm_mask.tolist() == [True] * 4 + [False]
+    assert forward.mm_embeds[:, 0].tolist() == [1, 2, 3, 4]
+    assert forward.last_token_indices().tolist() == [3, 4]
+    assert pool.req_to_token[decoding.req_pool_idx, 4].item() == 5
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "prefill-only"])
+def test_running_requests_advance_one_token_per_prompt_chunk_only_when_mixed(
+    checkpoint: Path, mixed: bool
+) -> None:
+    scheduler = make_scheduler(checkpoint, chunked_prefill_size=16, enable_mixed_chunk=mixed)
+    for i, ids in enumerate(prompts([3, 4, 5], seed=6)):
+        submit(scheduler, ids, f"running-{i}", greedy(100))
+    scheduler.step()  # one extend admits all three
+    running = list(scheduler.running)
+    assert len(running) == 3
+    submit(scheduler, prompts([70], seed=7)[0], "long", greedy(4))
+    long_req = scheduler.waiting[-1]
+    batches = record_batches(scheduler)
+
+    while long_req not in scheduler.running:
+        outputs_before = [len(req.output_ids) for req in running]
+        kv_before = long_req.kv_len
+        scheduler.step()
+        batch = batches[-1]
+        assert batch.prefill_reqs == [long_req] and batch.num_new_tokens <= 16
+        assert [len(req.output_ids) - n for req, n in zip(running, outputs_before)] == [
+            int(mixed)
+        ] * len(running)
+        assert batch.reqs[1:] == (running if mixed else [])
+        assert long_req.kv_len - kv_before == min(16 - mixed * len(running), 70 - kv_before)
+    assert len(batches) == (6 if mixed else 5)  # ceil(70 / 13) and ceil(70 / 16)
+    run_all(scheduler)
+    assert_pool_empty_after_flush(scheduler)
+
+
+def test_mixed_scheduling_matches_prefill_only_scheduling_with_staggered_arrivals(
+    checkpoint: Path, tokenizer, reference: list[list[int]]
+) -> None:
+    """Requests arrive while others decode, with logprobs, seeded sampling and stop
+    conditions: mixed batches change when tokens are computed, never which."""
+    special = {
+        "1": greedy(),
+        "3": SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.8, top_p=0.9, seed=7),
+        "4": greedy(stop_token_ids=[reference[4][9]]),
+        "6": greedy(stop=["e"]),
+    }
+    arrivals = [0, 0, 3, 5, 9, 10, 14, 20]  # the step each PROMPT_LENS prompt arrives at
+
+    def run(mixed: bool) -> tuple[dict[str, dict], list[ScheduleBatch]]:
+        scheduler = make_scheduler(
+            checkpoint, tokenizer, chunked_prefill_size=16, enable_mixed_chunk=mixed
+        )
+        batches = record_batches(scheduler)
+        results: dict[str, dict] = {}
+        pending = list(enumerate(zip(arrivals, prompts(PROMPT_LENS))))
+        for step in range(10_000):
+            if not pending and not scheduler.has_work:
+                break
+            while pending and pending[0][1][0] <= step:
+                i, (_, ids) = pending.pop(0)
+                submit(
+                    scheduler,
+                    ids,
+                    str(i),
+                    special.get(str(i)),
+                    stream=i % 2 == 0,
+                    return_logprob=i == 1,
+                    top_logprobs_num=2 if i == 1 else 0,
+                )
+            collect(scheduler.step(), results)
+        assert_pool_empty_after_flush(scheduler)
+        return results, batches
+
+    mixed, mixed_batches = run(mixed=True)
+    prefill_only, prefill_only_batches = run(mixed=False)
+    assert sum(map(is_mixed, mixed_batches)) >= 5
+    assert not any(map(is_mixed, prefill_only_batches))
+    assert max(batch.num_new_tokens for batch in mixed_batches) <= 16
+
+    for rid in map(str, range(len(PROMPT_LENS))):
+        assert mixed[rid]["ids"] == prefill_only[rid]["ids"], rid
+        assert mixed[rid]["finish"] == prefill_only[rid]["finish"], rid
+        if rid not in special:
+            assert mixed[rid]["ids"] == reference[int(rid)]
+    assert mixed["4"]["finish"]["type"] == mixed["6"]["finish"]["type"] == "stop"
+    assert len(mixed["1"]["logprobs"]) == len(mixed["1"]["top_logprobs"]) == MAX_NEW_TOKENS
+    torch.testing.assert_close(
+        mixed["1"]["logprobs"], prefill_only["1"]["logprobs"], atol=1e-5, rtol=0
+    )
+    for ours, theirs in zip(mixed["1"]["top_logprobs"], prefill_only["1"]["top_logprobs"]):
+        assert [t for t, _ in ours] == [t for t, _ in theirs]
+
+
+def test_a_full_waiting_queue_rejects_with_503(checkpoint: Path) -> None:
+    scheduler = make_scheduler(checkpoint, max_queued_requests=1)
+    prompt = prompts([6], seed=5)[0]
+    submit(scheduler, prompt, "queued", greedy(2))
+    submit(scheduler, prompt, "refused", greedy(2))  # the first still waits: no step ran
+    results = run_all(scheduler)
+    assert results["queued"]["finish"]["type"] == "length"
+    assert results["refused"] == {
+        "ids": [], "cached": 0, "logprobs": [], "top_logprobs": [],
+        "finish": {"type": "abort", "matched": None, "status_code": 503,
+                   "message": "the waiting queue is full (1 requests)"},
+    }  # fmt: skip
+
+
+def test_max_new_tokens_is_settled_against_the_context_length(checkpoint: Path) -> None:
+    scheduler = make_scheduler(checkpoint, context_length=32)
+    prompt = prompts([30], seed=6)[0]
+    submit(scheduler, prompt, "rest of the context", greedy(None))
+    submit(scheduler, prompt, "too long", greedy(3))
+    submit(scheduler, prompt + prompt[:2], "no room", greedy(None))
+    results = run_all(scheduler)
+    assert len(results["rest of the context"]["ids"]) == 2
+    assert results["rest of the context"]["finish"]["type"] == "length"
+    for rid, message in [("too long", "exceeds the context length"), ("no room", "no room for output")]:
+        finish = results[rid]["finish"]
+        assert (finish["type"], finish["status_code"]) == ("abort", 400)
+        assert message in finish["message"]

@@ -22,11 +22,10 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_cache_dir):
     flags = ["--api-key", API_KEY, "--max-total-tokens", "4096", "--context-length", str(CONTEXT_LENGTH),
              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--served-model-name", "demo"]
-    cache = tmp_path_factory.getbasetemp() / "cubeserve-cache"
-    process = ServerProcess(flags, cache, tmp_path_factory.mktemp("server") / "server.log")
+    process = ServerProcess(flags, demo_cache_dir, tmp_path_factory.mktemp("server") / "server.log")
     yield process
     process.stop()
 
@@ -158,7 +157,8 @@ def test_auth(server, client):
     ("/v1/chat/completions", {"model": "demo", "messages": CHAT, "top_p": 1.5}, "top_p"),
     ("/v1/chat/completions", {"model": "demo", "messages": CHAT, "n": "two"}, "n"),
     ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, None),  # text-only model
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
+     "messages.0.content.0.image_url"),  # a truncated PNG
     ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "file:///v.mp4", "fps": -1}}]}]},
      "messages.0.content.0.video_url.fps"),
@@ -227,7 +227,7 @@ def test_serving_benchmark_load_random_and_sharegpt(server, tmp_path):
                        "--request-rate", "20", "--endpoint", "chat")
     assert report["completed"] == 4 and report["failed"] == 0 and report["model"] == "demo"
     assert report["total_output_tokens"] == 16 and report["ttft_ms"]["count"] == 4
-    assert set(report["itl_ms"]) == {"mean", "p50", "p90", "p99", "count"}
+    assert set(report["itl_ms"]) == {"mean", "p50", "p90", "p99", "max", "count"}
     conversations = [{"conversations": [{"from": "human", "value": "Tell me a story about a robot " * 3},
                                          {"from": "gpt", "value": "Once upon a time there was a robot. " * 2}]}] * 3
     dataset = tmp_path / "sharegpt.json"

@@ -31,7 +31,8 @@ class FakeManager:
     """Emits one token per step: id 100 + step, text " w<step>", logprob -0.5 * (step + 1).
 
     A prompt containing "hang" blocks until ``release`` is set; "bad" raises ValueError like
-    the real manager does for invalid sampling params; "dead" raises EngineDeadError.
+    the real manager does for invalid sampling params; "dead" raises EngineDeadError; "full"
+    ends at once with the abort the engine sends when its waiting queue is full.
     """
 
     def __init__(self) -> None:
@@ -39,6 +40,7 @@ class FakeManager:
         self.aborted: list[str] = []
         self.release = asyncio.Event()
         self.started_hanging = asyncio.Event()
+        self.dead = False
 
     async def start(self) -> None:
         pass
@@ -50,9 +52,12 @@ class FakeManager:
         return f" w{token_id - 100}"
 
     async def get_stats(self) -> EngineStats:
+        if self.dead:
+            raise EngineDeadError("the engine process died (exit code -9)")
         return EngineStats(
             num_running_reqs=1, num_waiting_reqs=2, kv_pool_capacity_tokens=1000, kv_pool_used_tokens=250,
             prefix_cache_hit_tokens=30, prefix_cache_query_tokens=120, generated_tokens_total=500,
+            num_retracted_reqs=3,
         )
 
     async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[dict[str, Any]]:
@@ -65,6 +70,12 @@ class FakeManager:
         if "hang" in prompt:
             self.started_hanging.set()
             await self.release.wait()
+        if "full" in prompt:
+            full = {"type": "abort", "matched": None, "message": "the waiting queue is full (2 requests)",
+                    "status_code": 503}
+            meta = {"id": obj.rid, "prompt_tokens": 1, "completion_tokens": 0, "cached_tokens": 0, "finish_reason": full}
+            yield {"text": "", "delta": "", "output_ids": [], "index": 0, "meta_info": meta}
+            return
         params = obj.sampling_params
         n, max_new = params.get("n", 1), params.get("max_new_tokens", 3)
         prompt_tokens = len(obj.input_ids) if obj.input_ids is not None else len(prompt.split())
@@ -267,6 +278,7 @@ def test_metrics_parse():
     assert value("cubeserve_kv_pool_usage") == 0.25
     assert value("cubeserve_prefix_cache_hit_rate") == 0.25
     assert value("cubeserve_num_waiting_reqs") == 2
+    assert value("cubeserve_num_retracted_reqs") == 3
     ttft_count = [s for s in families["cubeserve_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert ttft_count[0].value == 1
     itl_count = [s for s in families["cubeserve_inter_token_latency_seconds"].samples if s.name.endswith("_count")]
@@ -358,6 +370,21 @@ def test_manager_value_error_is_400():
 
 def test_dead_engine_is_503():
     assert_error(request("POST", "/v1/completions", json={"model": MODEL, "prompt": "dead"}), 503, None)
+
+    async def scenario(client, manager):
+        manager.dead = True
+        return [await client.get(path) for path in ("/health", "/metrics")]
+
+    for response in run(scenario):
+        assert "engine process died" in assert_error(response, 503, None)["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_queue_full_is_503_with_retry_after(stream: bool):
+    response = request("POST", "/v1/completions", json={"model": MODEL, "prompt": "full", "stream": stream})
+    error = assert_error(response, 503, None)
+    assert error["type"] == "server_overloaded" and "queue is full" in error["message"]
+    assert response.headers["retry-after"] == "1"
 
 
 def test_body_size_limit():

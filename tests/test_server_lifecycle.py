@@ -22,20 +22,15 @@ MAX_QUEUED = 1
 LONG = 3000  # tokens: far more than any test waits for
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "cubeserve-cache"
-
-
-def start_server(cache_dir, tmp_path_factory) -> ServerProcess:
+def start_server(demo_cache_dir, tmp_path_factory) -> ServerProcess:
     flags = ["--disable-radix-cache", "--max-total-tokens", "8192", "--max-running-requests", str(MAX_RUNNING),
              "--max-queued-requests", str(MAX_QUEUED), "--served-model-name", "demo"]
-    return ServerProcess(flags, cache_dir, tmp_path_factory.mktemp("server") / "server.log")
+    return ServerProcess(flags, demo_cache_dir, tmp_path_factory.mktemp("server") / "server.log")
 
 
 @pytest.fixture(scope="module")
-def server(cache_dir, tmp_path_factory):
-    process = start_server(cache_dir, tmp_path_factory)
+def server(demo_cache_dir, tmp_path_factory):
+    process = start_server(demo_cache_dir, tmp_path_factory)
     yield process
     process.stop()
 
@@ -111,8 +106,8 @@ def test_full_queue_is_503_with_retry_after(server):
                       timeout=60).status_code == 200
 
 
-def test_sigterm_drains_running_requests(cache_dir, tmp_path_factory):
-    process = start_server(cache_dir, tmp_path_factory)
+def test_sigterm_drains_running_requests(demo_cache_dir, tmp_path_factory):
+    process = start_server(demo_cache_dir, tmp_path_factory)
     try:
         events = []
         with long_stream(process, max_tokens=200) as lines:

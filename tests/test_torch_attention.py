@@ -108,10 +108,15 @@ def test_metadata_masks_causally_and_never_leaves_a_query_row_empty():
 
     # Keys visible to each (request, padded query); padded queries repeat the last real row.
     # request 0: prefix 2 + 3 new; request 1: prefix 6 + 1 new; request 2: prefix 1 + 2 new.
-    assert meta.mask.shape == (3, 1, 3, 7)
-    assert meta.mask.sum(-1).squeeze(1).tolist() == [[3, 4, 5], [7, 7, 7], [2, 3, 3]]
-    assert meta.mask[2, 0, 1].tolist() == [True] * 3 + [False] * 4
-    assert meta.token_to_padded.tolist() == [0, 1, 2, 3, 6, 7]
+    # The one-token request is attended apart, not padded to three queries.
+    single, multi = meta.groups
+    assert single.mask.shape == (1, 1, 1, 7) and single.mask.all()
+    assert single.tokens.tolist() == [3] and single.token_to_padded.tolist() == [0]
+    assert multi.mask.shape == (2, 1, 3, 5)
+    assert multi.mask.sum(-1).squeeze(1).tolist() == [[3, 4, 5], [2, 3, 3]]
+    assert multi.mask[1, 0, 1].tolist() == [True] * 3 + [False] * 2
+    assert multi.tokens.tolist() == [0, 1, 2, 4, 5]
+    assert multi.token_to_padded.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_backend_is_registered_as_torch():

@@ -7,14 +7,9 @@ model head layouts, and check that decode replays under a CUDA graph.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# Triton picks interpreter or compiler when it is imported: choose before the first import.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
 from cubeserve.attention import triton_kernels

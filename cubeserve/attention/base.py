@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -17,7 +18,12 @@ class AttentionBackend(ABC):
 
     ``init_forward_metadata`` runs once per forward (not per layer) and stores whatever the
     backend needs in ``batch.attn_metadata``.
+
+    ``supports_cuda_graph``: decode (metadata included) can be captured in a CUDA graph and
+    replayed with new batch tensors, i.e. it reads no per-batch host data.
     """
+
+    supports_cuda_graph: ClassVar[bool] = False
 
     @abstractmethod
     def init_forward_metadata(self, batch: ForwardBatch) -> None: ...

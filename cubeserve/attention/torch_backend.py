@@ -1,9 +1,12 @@
 """Reference paged attention in plain PyTorch (any device, any dtype).
 
-Per forward, the requests are laid out as a padded batch: queries ``[batch, max_new, ...]``
-and the KV slots of each request's whole sequence ``[batch, max_kv]``, with a causal mask
-that also hides padding. Every layer then runs one batched SDPA call over K/V gathered from
-the paged cache; no Python loop over requests.
+Per forward, the requests are laid out as padded batches: queries ``[n, max_new, ...]`` and
+the KV slots of each request's whole sequence ``[n, max_kv]``, with a causal mask that also
+hides padding. Requests with one new token (decodes, also inside mixed prefill batches) and
+requests with several form separate groups: padding a decode to a prompt chunk's length would
+multiply the chunk's attention cost by the number of decodes. Every layer then runs one
+batched SDPA call per group (at most two) over K/V gathered from the paged cache; no Python
+loop over requests.
 """
 
 from __future__ import annotations
@@ -19,43 +22,32 @@ from cubeserve.layers.attention import PagedAttention
 
 
 @dataclass
+class QueryGroup:
+    """Requests attended by one SDPA call, padded to the group's longest query and KV."""
+
+    tokens: torch.Tensor  # [group_tokens] flat index of each of the group's tokens
+    query_index: torch.Tensor  # [n, max_new] flat token index of each padded query
+    kv_slots: torch.Tensor  # [n, max_kv] KV slot of each position of each request
+    mask: torch.Tensor  # [n, 1, max_new, max_kv] True where the query may attend
+    token_to_padded: torch.Tensor  # [group_tokens] row of each group token in [n * max_new]
+
+
+@dataclass
 class TorchAttentionMetadata:
-    query_index: torch.Tensor  # [batch, max_new] flat token index of each padded query
-    kv_slots: torch.Tensor  # [batch, max_kv] KV slot of each position of each request
-    mask: torch.Tensor  # [batch, 1, max_new, max_kv] True where the query may attend
-    token_to_padded: torch.Tensor  # [num_tokens] row of each flat token in [batch * max_new]
+    groups: list[QueryGroup]
 
 
 @register_attention_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        device = batch.input_ids.device
-        new_lens_cpu = [1] * batch.batch_size if batch.mode.is_decode else batch.extend_seq_lens_cpu
-        max_new, max_kv = max(new_lens_cpu), max(batch.seq_lens_cpu)
-        new_lens = torch.tensor(new_lens_cpu, dtype=torch.int64, device=device)
-        seq_lens = torch.tensor(batch.seq_lens_cpu, dtype=torch.int64, device=device)
-        starts = torch.cumsum(new_lens, dim=0) - new_lens
-        new_pos = torch.arange(max_new, device=device)
-        kv_pos = torch.arange(max_kv, device=device)
-
-        # Query j of request b sits at position prefix_b + j; padded queries (j >= new_b) are
-        # clamped to the last real one so that no mask row is empty (SDPA would return NaN).
-        query_pos = (seq_lens - new_lens).unsqueeze(1) + new_pos
-        last_visible = torch.minimum(query_pos, (seq_lens - 1).unsqueeze(1))
-        mask = kv_pos.view(1, 1, max_kv) <= last_visible.unsqueeze(2)
-
-        query_index = (starts.unsqueeze(1) + new_pos).clamp(max=batch.num_tokens - 1)
-        request_of_token = torch.repeat_interleave(
-            torch.arange(batch.batch_size, device=device), new_lens, output_size=batch.num_tokens
-        )
-        token_to_padded = (
-            request_of_token * max_new
-            + torch.arange(batch.num_tokens, device=device)
-            - starts[request_of_token]
-        )
-        kv_slots = batch.req_to_token_pool.req_to_token[batch.req_pool_indices, :max_kv]
+        new_lens = [1] * batch.batch_size if batch.mode.is_decode else batch.extend_seq_lens_cpu
+        starts = [0] * batch.batch_size
+        for i in range(1, batch.batch_size):
+            starts[i] = starts[i - 1] + new_lens[i - 1]
+        single = [i for i, n in enumerate(new_lens) if n == 1]
+        multi = [i for i, n in enumerate(new_lens) if n > 1]
         batch.attn_metadata = TorchAttentionMetadata(
-            query_index, kv_slots, mask.unsqueeze(1), token_to_padded
+            [_query_group(batch, reqs, new_lens, starts) for reqs in (single, multi) if reqs]
         )
 
     def forward(
@@ -74,17 +66,68 @@ class TorchAttentionBackend(AttentionBackend):
             k.view(num_tokens, layer.num_kv_heads, head_dim),
             v.view(num_tokens, layer.num_kv_heads, head_dim),
         )
-        # [batch, heads, len, head_dim] views for SDPA.
-        queries = q.view(num_tokens, layer.num_heads, head_dim)[meta.query_index].transpose(1, 2)
-        keys = batch.kv_cache.k_buffers[layer.layer_id][meta.kv_slots].to(q.dtype).transpose(1, 2)
-        values = batch.kv_cache.v_buffers[layer.layer_id][meta.kv_slots].to(q.dtype).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=meta.mask,
-            scale=layer.scaling,
-            enable_gqa=layer.num_heads != layer.num_kv_heads,
-        )
-        padded = out.transpose(1, 2).reshape(-1, layer.num_heads * head_dim)
-        return padded[meta.token_to_padded]
+        q = q.view(num_tokens, layer.num_heads, head_dim)
+        if len(meta.groups) == 1:  # every token is in the group, in order
+            return _attend(q, layer, batch, meta.groups[0])
+        out = q.new_empty(num_tokens, layer.num_heads * head_dim)
+        for group in meta.groups:
+            out[group.tokens] = _attend(q, layer, batch, group)
+        return out
+
+
+def _query_group(
+    batch: ForwardBatch, reqs: list[int], new_lens_cpu: list[int], starts_cpu: list[int]
+) -> QueryGroup:
+    device = batch.input_ids.device
+    group_new_lens = [new_lens_cpu[i] for i in reqs]
+    group_seq_lens = [batch.seq_lens_cpu[i] for i in reqs]
+    max_new, max_kv, num_tokens = max(group_new_lens), max(group_seq_lens), sum(group_new_lens)
+    new_lens = torch.tensor(group_new_lens, dtype=torch.int64, device=device)
+    seq_lens = torch.tensor(group_seq_lens, dtype=torch.int64, device=device)
+    starts = torch.tensor([starts_cpu[i] for i in reqs], dtype=torch.int64, device=device)
+    new_pos = torch.arange(max_new, device=device)
+    kv_pos = torch.arange(max_kv, device=device)
+
+    # Query j of request b sits at position prefix_b + j; padded queries (j >= new_b) repeat
+    # the last real one so that no mask row is empty (SDPA would return NaN).
+    query_pos = (seq_lens - new_lens).unsqueeze(1) + new_pos
+    last_visible = torch.minimum(query_pos, (seq_lens - 1).unsqueeze(1))
+    mask = kv_pos.view(1, 1, max_kv) <= last_visible.unsqueeze(2)
+    query_index = starts.unsqueeze(1) + torch.minimum(new_pos, (new_lens - 1).unsqueeze(1))
+
+    request_of_token = torch.repeat_interleave(
+        torch.arange(len(reqs), device=device), new_lens, output_size=num_tokens
+    )
+    offset_in_request = (
+        torch.arange(num_tokens, device=device)
+        - (torch.cumsum(new_lens, dim=0) - new_lens)[request_of_token]
+    )
+    rows = batch.req_pool_indices[torch.tensor(reqs, device=device)]
+    return QueryGroup(
+        tokens=starts[request_of_token] + offset_in_request,
+        query_index=query_index,
+        kv_slots=batch.req_to_token_pool.req_to_token[rows, :max_kv],
+        mask=mask.unsqueeze(1),
+        token_to_padded=request_of_token * max_new + offset_in_request,
+    )
+
+
+def _attend(
+    q: torch.Tensor, layer: PagedAttention, batch: ForwardBatch, group: QueryGroup
+) -> torch.Tensor:
+    """Attention output ``[group_tokens, num_heads * head_dim]`` of the group's tokens."""
+    # [n, heads, len, head_dim] views for SDPA.
+    queries = q[group.query_index].transpose(1, 2)
+    cache = batch.kv_cache
+    keys = cache.k_buffers[layer.layer_id][group.kv_slots].to(q.dtype).transpose(1, 2)
+    values = cache.v_buffers[layer.layer_id][group.kv_slots].to(q.dtype).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        queries,
+        keys,
+        values,
+        attn_mask=group.mask,
+        scale=layer.scaling,
+        enable_gqa=layer.num_heads != layer.num_kv_heads,
+    )
+    padded = out.transpose(1, 2).reshape(-1, layer.num_heads * layer.head_dim)
+    return padded[group.token_to_padded]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -218,12 +219,27 @@ def sharegpt_specs(maker: PromptMaker, path: str, num: int, fixed_output_len: in
 
 
 def summarize(values_s: list[float]) -> dict[str, float]:
-    """Milliseconds: mean, median and tail percentiles."""
+    """Milliseconds: mean, median, tail percentiles and maximum."""
     if not values_s:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "count": 0}
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "count": 0}
     ms = np.asarray(values_s) * 1000.0
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"mean": float(ms.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99), "count": len(ms)}
+    return {"mean": float(ms.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+            "max": float(ms.max()), "count": len(ms)}
+
+
+def split_itls(chunk_times: list[float], window_start: float,
+               window_end: float) -> tuple[list[float], list[float]]:
+    """One stream's gaps between chunks: those ending by ``window_start``, and those ending in
+    ``(window_start, window_end]``. A gap spanning ``window_start`` counts as inside: it is the
+    stall the window's first event caused."""
+    before, inside = [], []
+    for previous, now in itertools.pairwise(chunk_times):
+        if now <= window_start:
+            before.append(now - previous)
+        elif now <= window_end:
+            inside.append(now - previous)
+    return before, inside
 
 
 def load_report(results: list[RequestResult], duration: float) -> dict[str, Any]:
@@ -305,11 +321,9 @@ async def run_interference(client: httpx.AsyncClient, target: Target, plan: Inte
 
     before, during = [], []
     for result in background_results:
-        for previous, now in zip(result.chunk_times, result.chunk_times[1:], strict=False):
-            if previous >= inject_start and now <= inject_end:
-                during.append(now - previous)
-            elif now < inject_start:
-                before.append(now - previous)
+        stream_before, stream_during = split_itls(result.chunk_times, inject_start, inject_end)
+        before += stream_before
+        during += stream_during
     itl_before, itl_during = summarize(before), summarize(during)
     outlived = sum(1 for r in background_results if r.chunk_times and r.chunk_times[-1] >= inject_end)
     return {

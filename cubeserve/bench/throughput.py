@@ -15,27 +15,30 @@ from __future__ import annotations
 
 import argparse
 import random
+from collections.abc import Sequence
 
-from cubeserve.bench.latency import (
+import cubeserve
+from cubeserve.bench.common import (
     HFModel,
     add_common_args,
+    bench_model_config,
     cubeserve_generate,
     emit,
     environment,
     random_prompts,
     ratio,
     resolved_model_path,
-    start_engine,
 )
-from cubeserve.engine.model_runner import load_model_config
 from cubeserve.server_args import ServerArgs
 
 
-def sample_requests(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+def sample_requests(
+    args: argparse.Namespace, vocab: Sequence[int]
+) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(args.seed)
     input_lens = [rng.randint(*args.input_len_range) for _ in range(args.num_prompts)]
     output_lens = [rng.randint(*args.output_len_range) for _ in range(args.num_prompts)]
-    return random_prompts(rng, input_lens, vocab_size), output_lens
+    return random_prompts(rng, input_lens, vocab), output_lens
 
 
 def summarize(seconds: float, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
@@ -55,7 +58,7 @@ def hf_static_batches(
     seconds = 0.0
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        seconds += hf.generate(prompts[chunk], max(output_lens[chunk]))
+        seconds += hf.generate(prompts[chunk], max(output_lens[chunk]))[0]
     return seconds
 
 
@@ -74,10 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     server_args = ServerArgs.from_cli_args(args)
-    config = load_model_config(resolved_model_path(server_args))
-    vocab_size = config.get_text_config().vocab_size
-    prompts, output_lens = sample_requests(args, vocab_size)
-    warmup_prompts = random_prompts(random.Random(-args.seed), [16, 16], vocab_size)
+    config = bench_model_config(server_args)
+    vocab = range(config.get_text_config().vocab_size)
+    prompts, output_lens = sample_requests(args, vocab)
+    warmup_prompts = random_prompts(random.Random(-args.seed), [16, 16], vocab)
 
     # HF first: its memory is freed before cubeserve sizes its KV pool from what is free.
     hf_result = None
@@ -88,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
             hf_static_batches(hf, prompts, output_lens, args.hf_batch_size), prompts, output_lens
         )
         hf.close()
-    with start_engine(server_args) as engine:
+    with cubeserve.Engine.from_server_args(server_args) as engine:
         cubeserve_generate(engine, warmup_prompts, [2, 2])
-        ours = summarize(cubeserve_generate(engine, prompts, output_lens), prompts, output_lens)
+        seconds, _ = cubeserve_generate(engine, prompts, output_lens)
+        ours = summarize(seconds, prompts, output_lens)
 
     emit(
         {

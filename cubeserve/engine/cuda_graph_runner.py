@@ -55,13 +55,6 @@ class CudaGraphRunner:
         self.out_cache_loc = torch.full((max_bs,), PADDING_SLOT, dtype=torch.int64, device=device)
         self.req_pool_indices = torch.full((max_bs,), PADDING_ROW, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
-
-        if not getattr(self.attn_backend, "supports_cuda_graph", False):
-            logger.warning(
-                "attention backend %s cannot be captured in CUDA graphs; decode runs eagerly",
-                type(self.attn_backend).__name__,
-            )
-            return
         self._capture_all(capture_batch_sizes(max_bs))
 
     def can_run(self, batch: ForwardBatch) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
 from typing import Any, Self, TypeVar
@@ -43,6 +44,10 @@ class Engine:
             self._stop_loop()
             raise
         atexit.register(self.shutdown)
+
+    @classmethod
+    def from_server_args(cls, server_args: ServerArgs) -> Engine:
+        return cls(**dataclasses.asdict(server_args))
 
     async def _create_manager(self) -> TokenizerManager:
         manager = TokenizerManager(self.server_args)

@@ -84,8 +84,27 @@ class EngineStats:
     generated_tokens_total: int
     encoder_cache_hits: int = 0
     encoder_cache_queries: int = 0
+    num_retracted_reqs: int = 0  # requests sent back to the queue because the KV pool ran out
 
 
 @dataclass
 class FlushCacheReq:
     pass
+
+
+@dataclass(frozen=True)
+class FlushCacheOutput:
+    success: bool  # False while requests are in flight: the cache is then left alone
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine process reports once it is ready to serve."""
+
+    model_path: str
+    dtype: str
+    kv_capacity_tokens: int
+    context_len: int  # longest prompt + completion a request may have
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_running_requests: int

@@ -3,7 +3,7 @@
 Both directions are ZMQ PUSH/PULL sockets over ``ipc://`` paths carrying pickled
 ``io_struct`` messages; the frontend binds, the engine connects. The engine process is
 spawned (never forked: CUDA), reports ``EngineInfo`` or its startup exception through a pipe,
-and exits by itself when its parent dies.
+exits by itself when its parent dies, and leaves Ctrl-C to its parent.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import multiprocessing as mp
 import os
 import pickle
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +25,8 @@ from typing import Any
 
 import zmq
 
+from cubeserve.engine.io_struct import EngineInfo
+from cubeserve.log import configure_logging
 from cubeserve.server_args import ServerArgs
 
 PARENT_CHECK_INTERVAL_S = 1.0
@@ -41,24 +45,6 @@ class EngineAddresses:
 
     def cleanup(self) -> None:
         shutil.rmtree(Path(self.to_engine.removeprefix("ipc://")).parent, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the engine process reports once it is ready to serve."""
-
-    model_path: str
-    dtype: str
-    kv_capacity_tokens: int
-    context_len: int  # longest prompt + completion a request may have
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    max_running_requests: int
-
-
-@dataclass(frozen=True)
-class FlushCacheOutput:
-    success: bool  # False while requests are in flight: the cache is then left alone
 
 
 @dataclass(frozen=True)
@@ -129,6 +115,10 @@ class EngineProcess:
         return self._process.is_alive()
 
     @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
     def exitcode(self) -> int | None:
         return self._process.exitcode
 
@@ -168,8 +158,18 @@ def report_startup_failure(conn: Connection, error: BaseException) -> None:
     conn.send(_StartupFailure(error, traceback.format_exc()))
 
 
-def exit_when_parent_dies(parent_pid: int) -> None:
-    """Engine side: a watchdog thread that ends this process once its parent is gone."""
+def init_engine_process(parent_pid: int, log_level: str) -> None:
+    """Engine side, first thing: exit with the parent, leave Ctrl-C to it, log like it."""
+    _exit_when_parent_dies(parent_pid)
+    # Ctrl-C reaches the whole process group; the parent handles it and shuts this process down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Exit through the interpreter on terminate(), so that process-level cleanup runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    configure_logging(log_level)
+
+
+def _exit_when_parent_dies(parent_pid: int) -> None:
+    """A watchdog thread that ends this process once its parent is gone."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:

@@ -145,7 +145,7 @@ class ModelRunner:
         return min(total * fraction - weights, free - CUDA_ACTIVATION_RESERVE_BYTES)
 
     def _init_cuda_graphs(self) -> CudaGraphRunner | None:
-        if self.device.type != "cuda" or self.server_args.disable_cuda_graph:
+        if not use_cuda_graphs(self.device, self.server_args, self.attn_backend):
             return None
         from cubeserve.engine.cuda_graph_runner import CudaGraphRunner
 
@@ -164,8 +164,32 @@ def resolve_dtype(dtype: str, model_config: PretrainedConfig, device: torch.devi
         return _DTYPES[dtype]
     if device.type != "cuda":
         return torch.float32
-    configured = model_config.get_text_config().dtype or model_config.dtype or torch.bfloat16
+    configured = checkpoint_dtype(model_config.get_text_config()) or checkpoint_dtype(model_config)
+    if configured is None:
+        return torch.bfloat16
     return getattr(torch, configured) if isinstance(configured, str) else configured
+
+
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype | str | None:
+    """The dtype a config names: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    return getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+
+
+def use_cuda_graphs(
+    device: torch.device, server_args: ServerArgs, attn_backend: AttentionBackend
+) -> bool:
+    """Whether to capture decode in CUDA graphs: on CUDA, unless disabled or the attention
+    backend cannot be captured (then decode runs eagerly, with a warning)."""
+    if device.type != "cuda" or server_args.disable_cuda_graph:
+        return False
+    if not attn_backend.supports_cuda_graph:
+        logger.warning(
+            "attention backend %s cannot be captured in CUDA graphs: decode runs eagerly "
+            "(use --attention-backend triton, or --disable-cuda-graph to silence this)",
+            type(attn_backend).__name__,
+        )
+        return False
+    return True
 
 
 def default_attention_backend(device: torch.device) -> str:

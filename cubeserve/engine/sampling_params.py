@@ -18,7 +18,7 @@ MAX_ABS_LOGIT_BIAS = 100.0
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # None: the rest of the context (as vLLM and SGLang do)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1: disabled
@@ -73,8 +73,27 @@ class SamplingParams:
             self.logit_bias = {_as_int("logit_bias key", k): v for k, v in self.logit_bias.items()}
         return self
 
+    def max_new_tokens_within(self, prompt_len: int, context_len: int) -> int:
+        """``max_new_tokens``, by default what the context leaves after the prompt; raises
+        ``ValueError`` when the prompt and it do not fit in ``context_len`` tokens."""
+        room = context_len - prompt_len
+        if self.max_new_tokens is None:
+            if room < 1:
+                raise ValueError(
+                    f"the prompt ({prompt_len} tokens) leaves no room for output in the context"
+                    f" length ({context_len} tokens)"
+                )
+            return room
+        if self.max_new_tokens > room:
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({self.max_new_tokens})"
+                f" exceeds the context length ({context_len} tokens)"
+            )
+        return self.max_new_tokens
+
     def verify(self, vocab_size: int) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, low=1)
+        if self.max_new_tokens is not None:
+            _check_int("max_new_tokens", self.max_new_tokens, low=1)
         _check_number("temperature", self.temperature, low=0.0)
         _check_number("top_p", self.top_p, low=0.0, low_inclusive=False, high=1.0)
         _check_int("top_k", self.top_k)

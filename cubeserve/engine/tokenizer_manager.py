@@ -42,20 +42,16 @@ from cubeserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatch
 from cubeserve.engine.io_struct import (
     AbortReq,
     BatchTokenOutput,
+    EngineInfo,
     EngineStats,
+    FlushCacheOutput,
     FlushCacheReq,
     GenerateReqInput,
     GetStatsReq,
     TokenizedGenerateReq,
     TokenOutput,
 )
-from cubeserve.engine.ipc import (
-    EngineAddresses,
-    EngineInfo,
-    EngineProcess,
-    FlushCacheOutput,
-    bind,
-)
+from cubeserve.engine.ipc import EngineAddresses, EngineProcess, bind
 from cubeserve.engine.sampling_params import SamplingParams
 from cubeserve.engine.tokenizer import load_tokenizer
 from cubeserve.multimodal.processors import MessagesProcessor, create_messages_processor
@@ -69,7 +65,7 @@ ENGINE_WATCH_INTERVAL_MS = 1000
 
 
 class EngineDeadError(RuntimeError):
-    """The engine process exited; requests in flight cannot complete."""
+    """The engine process exited: requests in flight fail with it, new ones are refused."""
 
 
 @dataclass
@@ -192,6 +188,11 @@ class TokenizerManager:
         self._fail_pending(EngineDeadError("the engine was shut down"))
         self._close_sockets()
 
+    @property
+    def engine_pid(self) -> int:
+        self._require_started()
+        return self._engine.pid
+
     def _close_sockets(self) -> None:
         if self._context is not None:
             self._context.destroy(linger=0)
@@ -209,6 +210,7 @@ class TokenizerManager:
             reqs = self.tokenize_request(obj)
         if obj.rid in self._sample_rids or any(req.rid in self._queues for req in reqs):
             raise ValueError(f"rid {obj.rid!r} is already in use by a running request")
+        self._check_engine_alive()
         queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
         states = {req.rid: self._new_state(req, i) for i, req in enumerate(reqs)}
         self._sample_rids[obj.rid] = list(states)
@@ -280,11 +282,8 @@ class TokenizerManager:
             raise ValueError("the prompt is empty: text, input_ids or messages gave no tokens")
         if mm_inputs is None:
             _check_token_ids(input_ids, info.vocab_size)
-        if len(input_ids) + params.max_new_tokens > info.context_len:
-            raise ValueError(
-                f"max_new_tokens ({params.max_new_tokens}) plus the prompt ({len(input_ids)} tokens)"
-                f" exceeds the context length ({info.context_len} tokens)"
-            )
+        # A media placeholder counts as one token here; the engine checks again once expanded.
+        params.max_new_tokens_within(len(input_ids), info.context_len)
         if not 0 <= obj.top_logprobs_num <= info.vocab_size:
             raise ValueError(
                 f"top_logprobs_num must be in [0, {info.vocab_size}], got {obj.top_logprobs_num}"
@@ -343,6 +342,7 @@ class TokenizerManager:
         self._send_socket.send_pyobj(message)
 
     async def _control(self, request: Any, waiters: deque[asyncio.Future]) -> Any:
+        self._check_engine_alive()
         future = asyncio.get_running_loop().create_future()
         waiters.append(future)
         self._send(request)
@@ -353,10 +353,9 @@ class TokenizerManager:
             if await self._recv_socket.poll(ENGINE_WATCH_INTERVAL_MS):
                 self._dispatch(await self._recv_socket.recv_pyobj())
             elif not self._engine.is_alive():
-                logger.error("the engine process died (exit code %s)", self._engine.exitcode)
-                self._fail_pending(
-                    EngineDeadError(f"the engine process died (exit code {self._engine.exitcode})")
-                )
+                error = self._engine_dead_error()
+                logger.error("%s", error)
+                self._fail_pending(error)
                 return
 
     def _dispatch(self, message: Any) -> None:
@@ -366,11 +365,21 @@ class TokenizerManager:
                 if queue is not None:  # else its consumer is gone
                     queue.put_nowait(out)
         elif isinstance(message, EngineStats):
-            self._stats_waiters.popleft().set_result(message)
+            _resolve_oldest(self._stats_waiters, message)
         elif isinstance(message, FlushCacheOutput):
-            self._flush_waiters.popleft().set_result(message.success)
+            _resolve_oldest(self._flush_waiters, message.success)
         else:
             logger.error("unexpected message from the engine: %r", message)
+
+    def _check_engine_alive(self) -> None:
+        """Refuse a request nobody would answer. (Requests in flight are failed by the receive
+        loop, after it has read what the engine sent before it died.)"""
+        self._require_started()
+        if not self._engine.is_alive():
+            raise self._engine_dead_error()
+
+    def _engine_dead_error(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine process died (exit code {self._engine.exitcode})")
 
     def _fail_pending(self, error: BaseException) -> None:
         for queue in {id(queue): queue for queue in self._queues.values()}.values():
@@ -378,7 +387,9 @@ class TokenizerManager:
         self._queues.clear()  # nothing is left to abort in the engine
         for waiters in (self._stats_waiters, self._flush_waiters):
             while waiters:
-                waiters.popleft().set_exception(error)
+                future = waiters.popleft()
+                if not future.done():  # its caller may have given up (cancelled) already
+                    future.set_exception(error)
 
     def _require_started(self) -> EngineInfo:
         if self.info is None or self._engine is None:
@@ -386,6 +397,14 @@ class TokenizerManager:
                 "TokenizerManager.start() has not been awaited (or it was shut down)"
             )
         return self.info
+
+
+def _resolve_oldest(waiters: deque[asyncio.Future], result: Any) -> None:
+    """Replies come in request order: this one belongs to the oldest waiter, which is skipped
+    (the reply dropped) when its caller stopped waiting."""
+    future = waiters.popleft()
+    if not future.done():
+        future.set_result(result)
 
 
 def _sample_params(params: SamplingParams, index: int) -> SamplingParams:

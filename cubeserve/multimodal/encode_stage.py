@@ -10,13 +10,15 @@ show the same video and never between two different videos.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import hashlib
+import struct
 from dataclasses import dataclass
 
 import torch
 
 from cubeserve.models.quicksviewer import QuicksviewerForCausalLM
 from cubeserve.models.quicksviewer_vision import VideoEncoding
+from cubeserve.multimodal.cache import ByteBoundedLRU
 from cubeserve.multimodal.processors.quicksviewer import (
     IMAGE_PLACEHOLDER_ID,
     MediaItem,
@@ -24,7 +26,14 @@ from cubeserve.multimodal.processors.quicksviewer import (
 )
 from cubeserve.scheduler.request import Req
 
-_PAD_ID_RANGE = 1 << 30
+# Pad ids are vocab_size + a 62-bit value: below 2**63, so they fit the int64 token tensors.
+_PAD_ID_BITS = 62
+DEFAULT_ENCODER_CACHE_BYTES = 2 << 30
+
+# (kind, content hash). The hash covers the exact pixels the encoder sees (after frame sampling
+# and resizing), so request options that change them (fps, max_frames) give another key, and
+# options that do not (timestamps: prompt text, not encoder input) rightly share the entry.
+EncoderCacheKey = tuple[str, int]
 
 
 @dataclass
@@ -37,37 +46,19 @@ class EncodedMedia:
         return self.blocks.numel() * self.blocks.element_size()
 
 
-class EncoderCache:
-    """LRU of encoded media by content hash, bounded in bytes."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[tuple[str, int], EncodedMedia] = OrderedDict()
-        self._bytes = 0
-        self.hits = 0
-        self.queries = 0
-
-    def get(self, key: tuple[str, int]) -> EncodedMedia | None:
-        self.queries += 1
-        entry = self._entries.get(key)
-        if entry is not None:
-            self.hits += 1
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: tuple[str, int], entry: EncodedMedia) -> None:
-        if entry.nbytes > self.capacity_bytes:
-            return
-        self._entries[key] = entry
-        self._bytes += entry.nbytes
-        while self._bytes > self.capacity_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= evicted.nbytes
-
-
 def pad_token_id(vocab_size: int, content_hash: int, block: int) -> int:
-    """Id standing for block ``block`` of one media item; outside the vocabulary."""
-    return vocab_size + (content_hash + block) % _PAD_ID_RANGE
+    """Id standing for block ``block`` of the media with ``content_hash``; above the vocabulary.
+
+    The radix cache keys KV by token ids alone, so equal pad ids at one position after an
+    identical prefix share KV even if their embeddings differ. Every (content, block) pair
+    therefore gets an independent 62-bit hash: two different media (in one request or in two)
+    collide with probability ~2**-62 per pair of blocks, where ``hash + block`` would give
+    media with nearby hashes overlapping id ranges.
+    """
+    digest = hashlib.blake2b(
+        struct.pack("<QQ", content_hash, block), digest_size=8, person=b"cubeserve-pad"
+    ).digest()
+    return vocab_size + (int.from_bytes(digest, "little") >> (64 - _PAD_ID_BITS))
 
 
 def cube_segments(item: MediaItem, video: VideoEncoding) -> list[dict[str, float | int]]:
@@ -87,13 +78,17 @@ def create_encode_stage(model: torch.nn.Module) -> MultimodalEncodeStage | None:
 class MultimodalEncodeStage:
     """The scheduler's ``mm_encoder`` for Quicksviewer models."""
 
-    def __init__(self, model: QuicksviewerForCausalLM, cache_bytes: int = 2 << 30) -> None:
+    def __init__(
+        self, model: QuicksviewerForCausalLM, cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES
+    ) -> None:
         self.model = model
         self.vocab_size = model.config.text_config.vocab_size
         self.num_queries = model.config.num_queries
         param = next(model.vision.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cache = EncoderCache(cache_bytes)
+        self.cache: ByteBoundedLRU[EncoderCacheKey, EncodedMedia] = ByteBoundedLRU(
+            cache_bytes, lambda entry: entry.nbytes
+        )
 
     @torch.inference_mode()
     def __call__(self, req: Req) -> None:
@@ -101,7 +96,9 @@ class MultimodalEncodeStage:
         encoded = [self._encode(item) for item in processed.media]
         videos = [enc.video for enc in encoded if enc.video is not None]
         merged_ids = processed.merge_cubes([v.frame_bounds for v in videos])
-        req.origin_input_ids, req.mm_mask = self._expand_placeholders(merged_ids, processed.media, encoded)
+        req.origin_input_ids, req.mm_mask = self._expand_placeholders(
+            merged_ids, processed.media, encoded
+        )
         req.mm_embeds = torch.cat([enc.blocks.flatten(0, 1) for enc in encoded])
         req.mm_meta = {
             "cubes": [
@@ -117,7 +114,7 @@ class MultimodalEncodeStage:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        pixels = item.pixel_values.to(self.device, self.dtype)
+        pixels = item.pixel_values_on(self.device, self.dtype)
         if item.kind == "video":
             video = self.model.vision.encode_video(pixels)
             entry = EncodedMedia(video.features, video)

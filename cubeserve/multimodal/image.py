@@ -7,11 +7,15 @@ Output layout is (N, 3, S, S) float32.
 Public API
 ----------
 ``PixelNormalization(rescale_factor=1/255, mean=(0.5,)*3, std=(0.5,)*3)``
-``normalize_pixels(images_u8: np.ndarray (N,H,W,3) uint8, norm) -> torch.Tensor (N,3,H,W) float32``
+``normalize_pixels(images_u8, norm, dtype=torch.float32) -> torch.Tensor (N,3,H,W)``
+    ``images_u8``: (N,H,W,3) uint8, a numpy array or a tensor on any device (the result stays
+    there, so uint8 pixels can be uploaded and normalised on the GPU).
 ``resize_bicubic(image: PIL.Image.Image, size_wh) -> PIL.Image.Image``
-``preprocess_video_frames(frames (T,H,W,3) uint8, image_size, norm=..., num_threads=None)``
-    -> Tensor (T,3,S,S); ``resize_frames(frames, image_size)`` -> (T,S,S,3) uint8.
+``squash_frame(frame (H,W,3) uint8, image_size) -> (S,S,3) uint8``
+``resize_frames(frames (T,H,W,3) uint8, image_size) -> (T,S,S,3) uint8``
     Each frame is squashed to S x S (no aspect-ratio preservation, no padding).
+``media_thread_pool() -> ThreadPoolExecutor``
+    The process-wide pool for GIL-releasing media work (PyAV decoding, PIL resizing).
 ``parse_grid_pinpoints(value: str | Sequence) -> list[tuple[int, int]]``
     A Python-literal string "[(w, h), ...]" or a JSON string / list of [w, h] pairs.
 ``select_best_resolution(size_wh, candidates) -> (w, h)``
@@ -44,6 +48,20 @@ _BICUBIC = Image.Resampling.BICUBIC
 _PARALLEL_MIN_FRAMES = 16
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+@functools.cache
+def media_thread_pool() -> ThreadPoolExecutor:
+    """One pool per process, so concurrent requests share the CPUs instead of each starting
+    its own threads; tasks run in submission order, which favours the oldest request."""
+    return ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="cubeserve-media")
+
+
 @dataclass(frozen=True)
 class PixelNormalization:
     rescale_factor: float = 1 / 255
@@ -60,25 +78,32 @@ class PixelNormalization:
 
 
 def normalize_pixels(
-    images_u8: np.ndarray, norm: PixelNormalization = PixelNormalization()
+    images_u8: np.ndarray | torch.Tensor,
+    norm: PixelNormalization = PixelNormalization(),
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(N,H,W,3) uint8 -> (N,3,H,W) float32, bit-identical to the HF image processor's
-    ``float32(float64(x) * rescale_factor)`` followed by ``(x - mean) / std`` in float32."""
-    if images_u8.dtype != np.uint8 or images_u8.ndim != 4 or images_u8.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (N,H,W,3), got {images_u8.dtype} {images_u8.shape}")
-    chw = torch.from_numpy(images_u8).permute(0, 3, 1, 2)
+    """(N,H,W,3) uint8 -> (N,3,H,W) on the input's device, cast to ``dtype`` at the end.
+
+    The float32 values are bit-identical to the HF image processor's
+    ``float32(float64(x) * rescale_factor)`` followed by ``(x - mean) / std`` in float32, on
+    any device (IEEE float32 division and subtraction round the same everywhere).
+    """
+    pixels = torch.from_numpy(images_u8) if isinstance(images_u8, np.ndarray) else images_u8
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (N,H,W,3), got {pixels.dtype} {tuple(pixels.shape)}")
+    chw = pixels.permute(0, 3, 1, 2)
     divisor = _exact_float32_divisor(norm)
     if divisor is not None:
-        mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(norm.mean, dtype=torch.float32, device=chw.device).view(1, 3, 1, 1)
+        std = torch.tensor(norm.std, dtype=torch.float32, device=chw.device).view(1, 3, 1, 1)
         out = chw.to(torch.float32, memory_format=torch.contiguous_format)
-        return out.div_(divisor).sub_(mean).div_(std)
+        return out.div_(divisor).sub_(mean).div_(std).to(dtype)
     # The result depends only on (channel, value): gather from a 3x256 table.
-    table = torch.from_numpy(_normalization_table(norm))
-    out = torch.empty(chw.shape, dtype=torch.float32)
+    table = torch.from_numpy(_normalization_table(norm)).to(chw.device)
+    out = torch.empty(chw.shape, dtype=torch.float32, device=chw.device)
     for channel in range(3):
         out[:, channel] = table[channel][chw[:, channel].long()]
-    return out
+    return out.to(dtype)
 
 
 def _normalization_table(norm: PixelNormalization) -> np.ndarray:
@@ -104,37 +129,21 @@ def resize_bicubic(image: Image.Image, size_wh: tuple[int, int]) -> Image.Image:
     return image.resize(size_wh, resample=_BICUBIC)
 
 
-def _squash(frame: np.ndarray, image_size: int) -> np.ndarray:
+def squash_frame(frame: np.ndarray, image_size: int) -> np.ndarray:
+    """(H,W,3) uint8 -> (S,S,3) uint8, bicubic (PIL releases the GIL while resizing)."""
     return np.asarray(resize_bicubic(Image.fromarray(frame), (image_size, image_size)))
 
 
-def preprocess_video_frames(
-    frames: np.ndarray,
-    image_size: int,
-    norm: PixelNormalization = PixelNormalization(),
-    num_threads: int | None = None,
-) -> torch.Tensor:
-    """(T,H,W,3) uint8 RGB -> (T,3,S,S) float32.
-
-    PIL releases the GIL while resizing, so long videos resize on a thread pool.
-    """
-    squashed = resize_frames(frames, image_size, num_threads=num_threads)
-    return normalize_pixels(squashed, norm)
-
-
-def resize_frames(
-    frames: np.ndarray, image_size: int, num_threads: int | None = None
-) -> np.ndarray:
-    """(T,H,W,3) uint8 -> (T,S,S,3) uint8, each frame squashed to S x S (bicubic)."""
+def resize_frames(frames: np.ndarray, image_size: int) -> np.ndarray:
+    """(T,H,W,3) uint8 -> (T,S,S,3) uint8, each frame squashed to S x S (bicubic); long videos
+    resize on ``media_thread_pool()``."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"video frames must be uint8 (T,H,W,3), got {frames.dtype} {frames.shape}")
     if frames.shape[1:3] == (image_size, image_size):
         return frames
-    workers = num_threads or min(8, os.cpu_count() or 1)
-    if workers <= 1 or len(frames) < _PARALLEL_MIN_FRAMES:
-        return np.stack([_squash(f, image_size) for f in frames])
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return np.stack(list(pool.map(lambda f: _squash(f, image_size), frames)))
+    if len(frames) < _PARALLEL_MIN_FRAMES:
+        return np.stack([squash_frame(f, image_size) for f in frames])
+    return np.stack(list(media_thread_pool().map(lambda f: squash_frame(f, image_size), frames)))
 
 
 # --------------------------------------------------------------------------- anyres

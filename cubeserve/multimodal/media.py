@@ -4,7 +4,8 @@ Public API
 ----------
 ``MediaError(ValueError)``
     Every problem with a piece of media (bad URL, forbidden or missing path, undecodable data,
-    empty or truncated video, oversized image). The message is meant for the API client.
+    empty or truncated video, oversized image). The message is meant for the API client;
+    ``param`` names the offending request field when known.
 ``MediaLimits(max_image_pixels=..., max_video_frames=..., max_media_bytes=...)``
     Size limits applied while loading and decoding.
 ``resolve_media_source(source, *, allowed_local_media_path=None, limits=MediaLimits())``
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MediaSource = str | bytes | bytearray | memoryview | os.PathLike
 
@@ -43,7 +44,13 @@ _REMOTE_SCHEMES = ("http", "https", "ftp", "ftps", "s3", "gs")
 
 
 class MediaError(ValueError):
-    """A media input that cannot be used; the message is safe to return to the client."""
+    """A media input that cannot be used; the message is safe to return to the client.
+
+    ``param`` names the request field that holds the media (e.g.
+    ``messages.0.content.1.video_url``) once the message processor knows it.
+    """
+
+    param: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,9 +187,13 @@ def decode_image(data: bytes, *, limits: MediaLimits = MediaLimits()) -> Image.I
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
+        except Image.DecompressionBombError:  # PIL's own, looser limit: report ours
             raise MediaError(
-                f"image is larger than the limit of decodable pixels ({exc})"
+                f"image is larger than the limit of {limits.max_image_pixels} pixels"
+            ) from None
+        except UnidentifiedImageError:
+            raise MediaError(
+                "cannot decode image data: not an image, an unsupported format, or truncated"
             ) from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise MediaError(f"cannot decode image data: {exc}") from None

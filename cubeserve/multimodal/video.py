@@ -3,19 +3,27 @@
 The original reads videos with OpenCV (``opencv_extract_frames_fps(path, num_frames, fps)``).
 This module reproduces its frame choice exactly - same frame indices, same timestamps
 ``round(index / FPS, 1)`` - from the container properties OpenCV would report, but decodes with
-PyAV, seeking to the keyframe before each wanted frame when the wanted frames are far apart.
+PyAV, seeking to the keyframe before each wanted frame when the wanted frames are far apart,
+with several threads decoding different stretches of the video at once.
 
 Public API
 ----------
 ``VideoFrames``: ``frames`` (T,H,W,3) uint8 RGB, ``timestamps`` (seconds, list[float]),
-    ``frame_indices`` (list[int]), ``video_fps`` (container rate, None for pre-decoded frames).
+    ``frame_indices`` (list[int]), ``video_fps`` (container rate, None for pre-decoded frames),
+    ``size_wh`` (decoded (W, H), also when ``frames`` were squashed while decoding).
 ``VideoProbe``: ``fps``, ``frame_count`` (as OpenCV's CAP_PROP_FPS / CAP_PROP_FRAME_COUNT),
     ``width``, ``height``, ``codec``.
 ``sample_frame_indices(frame_count, video_fps, fps=1.0, num_frames=None) -> list[int]``
 ``frame_timestamps(frame_indices, video_fps) -> list[float]``
 ``probe_video(source: bytes | str | Path) -> VideoProbe``
-``read_video(source, *, fps=1.0, num_frames=None, limits=MediaLimits(), decode_mode="auto")``
-    -> ``VideoFrames``
+``read_video(source, *, fps=1.0, num_frames=None, limits=MediaLimits(), decode_mode="auto",
+frame_size=None, max_workers=None) -> VideoFrames``
+    Parallel decoding: the wanted frames are split into runs of whole GOPs, each decoded by its
+    own container in a thread (``plan_decode_groups``); ``frame_size`` squashes frames to S x S
+    in those threads.
+``plan_decode_groups(wanted, keyframes, max_groups) -> list[list[int]]``
+``frame_digest(frame) -> bytes``, ``frames_content_hash(frames, *, salt=b"", frame_digests=None)``
+    -> ``int`` (stable hash of a frame array from its per-frame digests)
 ``video_from_frames(frames, timestamps=None, *, fps=None, frame_indices=None, limits=...)``
     -> ``VideoFrames`` (pre-decoded frames; without timestamps frame i is at round(i / fps, 1))
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -33,13 +42,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import av
 import numpy as np
 from PIL import Image
 
-from cubeserve.multimodal.media import MediaError, MediaLimits, check_pixel_limit
+from cubeserve.multimodal.image import available_cpus, media_thread_pool, squash_frame
+from cubeserve.multimodal.media import MediaError, MediaLimits, check_pixel_limit, content_hash
 
 # Seek only when it skips at least this many frames past what was already decoded.
 _MIN_SEEK_SKIP = 8
@@ -51,6 +61,9 @@ class VideoFrames:
     timestamps: list[float]
     frame_indices: list[int]
     video_fps: float | None = None
+    source_size_wh: tuple[int, int] | None = None  # decoded (W, H) when ``frames`` are resized
+    # ``frame_digest`` of every frame, when computed while decoding (``read_video(frame_size=)``).
+    frame_digests: list[bytes] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -58,6 +71,9 @@ class VideoFrames:
 
     @property
     def size_wh(self) -> tuple[int, int]:
+        """(W, H) of the video's frames as decoded."""
+        if self.source_size_wh is not None:
+            return self.source_size_wh
         return int(self.frames.shape[2]), int(self.frames.shape[1])
 
 
@@ -177,13 +193,24 @@ def read_video(
     num_frames: int | None = None,
     limits: MediaLimits = MediaLimits(),
     decode_mode: Literal["auto", "sequential"] = "auto",
+    frame_size: int | None = None,
+    max_workers: int | None = None,
 ) -> VideoFrames:
     """Sample and decode frames of an encoded video (raw bytes or a local path).
 
-    ``decode_mode="auto"`` seeks to keyframes when wanted frames are sparse and falls back to
-    plain sequential decoding (frame number = decode order, like OpenCV) whenever the stream's
-    timestamps are irregular; ``"sequential"`` always decodes from the first frame.
+    ``decode_mode="auto"`` splits the wanted frames into runs of whole GOPs that up to
+    ``max_workers`` threads (default: the available CPUs) decode at once, each with its own
+    container seeking to its run's first keyframe, and falls back to plain sequential decoding
+    (frame number = decode order, like OpenCV) whenever the stream's timestamps are irregular;
+    ``"sequential"`` always decodes from the first frame, in the calling thread. Both give
+    bit-identical frames.
+
+    ``frame_size``: squash each frame to ``frame_size`` x ``frame_size`` (``resize_frames``'s
+    bicubic) and take its ``frame_digest`` in the thread that decoded it, so this work overlaps
+    decoding and the full-size frames are never all held at once; ``size_wh`` still reports
+    the decoded size.
     """
+    convert = _FrameConverter(frame_size)
     with _open_container(source) as container:
         stream = _video_stream(container)
         probe = _probe(container, stream)
@@ -199,20 +226,68 @@ def read_video(
             )
         decoded = None
         if decode_mode == "auto" and not counted:
-            decoded = _try_decode_seeking(container, stream, probe, wanted)
+            workers = max_workers or available_cpus()
+            decoded = _try_decode_seeking(
+                source, container, stream, probe, wanted, convert, workers
+            )
     if decoded is None:
         with _open_container(source) as container:
-            decoded = _decode_sequential(container, _video_stream(container), probe, wanted)
+            decoded = _decode_sequential(
+                container, _video_stream(container), probe, wanted, convert
+            )
 
     indices = [i for i in wanted if i in decoded]
     if not indices:
         raise MediaError("the video has no decodable frames")
     return VideoFrames(
-        frames=np.stack([decoded[i] for i in indices]),
+        frames=np.stack([decoded[i].pixels for i in indices]),
         timestamps=frame_timestamps(indices, probe.fps),
         frame_indices=indices,
         video_fps=probe.fps,
+        source_size_wh=convert.size_wh,
+        frame_digests=None if frame_size is None else [decoded[i].digest for i in indices],
     )
+
+
+def frame_digest(frame: np.ndarray) -> bytes:
+    """8-byte BLAKE2b digest of one frame's pixel bytes."""
+    return hashlib.blake2b(np.ascontiguousarray(frame).data, digest_size=8).digest()
+
+
+def frames_content_hash(
+    frames: np.ndarray, *, salt: bytes = b"", frame_digests: Sequence[bytes] | None = None
+) -> int:
+    """Stable 63-bit hash of a (T,H,W,C) frame array: of its dtype, shape and the frames'
+    ``frame_digest``s, which ``read_video(frame_size=...)`` computes in its decoding threads
+    (``VideoFrames.frame_digests``); computed here when not given."""
+    if frame_digests is None:
+        frame_digests = [frame_digest(frame) for frame in frames]
+    if len(frame_digests) != len(frames):
+        raise ValueError(f"{len(frame_digests)} digests for {len(frames)} frames")
+    header = f"frames:{frames.dtype.str}:{frames.shape}:".encode()
+    return content_hash(b"".join(frame_digests), salt=salt + header)
+
+
+class _Decoded(NamedTuple):
+    pixels: np.ndarray  # (H, W, 3) uint8 RGB, squashed if asked
+    digest: bytes | None  # ``frame_digest(pixels)`` when squashed
+
+
+class _FrameConverter:
+    """Decoded frame -> upright RGB array, squashed to ``frame_size`` (and digested) if given;
+    remembers the decoded (W, H). Shared by decoding threads: a stream's frames share a size."""
+
+    def __init__(self, frame_size: int | None) -> None:
+        self.frame_size = frame_size
+        self.size_wh: tuple[int, int] | None = None
+
+    def __call__(self, frame: av.VideoFrame) -> _Decoded:
+        rgb = _to_rgb(frame)
+        self.size_wh = (rgb.shape[1], rgb.shape[0])
+        if self.frame_size is None:
+            return _Decoded(rgb, None)
+        squashed = squash_frame(rgb, self.frame_size)
+        return _Decoded(squashed, frame_digest(squashed))
 
 
 def _open_container(source: bytes | str | os.PathLike) -> av.container.InputContainer:
@@ -229,11 +304,13 @@ def _open_container(source: bytes | str | os.PathLike) -> av.container.InputCont
         ) from None
 
 
-def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
+def _video_stream(container: av.container.InputContainer, codec_threads: int = 0) -> av.VideoStream:
+    """The first video stream, decoded with ``codec_threads`` FFmpeg threads (0: one per core)."""
     if not container.streams.video:
         raise MediaError("the data contains no video stream (not a video, or empty or truncated)")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = codec_threads
     return stream
 
 
@@ -260,16 +337,17 @@ def _decode_sequential(
     stream: av.VideoStream,
     probe: VideoProbe,
     wanted: list[int],
-) -> dict[int, np.ndarray]:
+    convert: _FrameConverter,
+) -> dict[int, _Decoded]:
     """Decode from the start; frame number = position in decode output (OpenCV semantics)."""
     remaining = set(wanted)
-    decoded: dict[int, np.ndarray] = {}
+    decoded: dict[int, _Decoded] = {}
     count = 0
     try:
         for count, frame in enumerate(container.decode(stream), start=1):
             index = count - 1
             if index in remaining:
-                decoded[index] = _to_rgb(frame)
+                decoded[index] = convert(frame)
                 remaining.discard(index)
                 if not remaining:
                     return decoded
@@ -286,38 +364,106 @@ def _decode_sequential(
     return decoded
 
 
+# ---- seeking and parallel decoding
+
+
 class _IrregularStream(Exception):
     """Timestamps do not map to frame numbers reliably: decode sequentially instead."""
+
+
+class _Overshoot(Exception):
+    pass
+
+
+class _FrameClock:
+    """Frame numbers from presentation timestamps: ``(pts - start) * time_base * fps``."""
+
+    def __init__(self, stream: av.VideoStream, probe: VideoProbe) -> None:
+        self.fps = probe.fps
+        self.scale = stream.time_base * Fraction(probe.fps).limit_denominator(1_000_000)
+        self.start = stream.start_time or 0
+
+    def exact_index(self, pts: int) -> Fraction:
+        return (pts - self.start) * self.scale
+
+    def frames_to_pts(self, index: int) -> int:
+        return self.start + math.floor(index / self.scale)
+
+
+def keyframe_indices(stream: av.VideoStream, clock: _FrameClock) -> list[int]:
+    """Keyframe numbers from the container index (mp4/mov; may be empty); planning hints only.
+
+    Index entries carry decode times, which run ahead of presentation by the B-frame delay;
+    the stream's first keyframe is shown first, so shifting it to frame 0 removes the delay.
+    """
+    try:
+        stamps = [entry.timestamp for entry in stream.index_entries if entry.is_keyframe]
+    except (AttributeError, av.FFmpegError, TypeError):
+        return []
+    indices = sorted(round(clock.exact_index(ts)) for ts in stamps)
+    delay = -indices[0] if indices and indices[0] < 0 else 0
+    return [index + delay for index in indices]
+
+
+def plan_decode_groups(
+    wanted: Sequence[int], keyframes: Sequence[int], max_groups: int
+) -> list[list[int]]:
+    """Split the sorted ``wanted`` frame numbers into at most ``max_groups`` contiguous groups
+    of whole GOPs, balancing the frames each group decodes (from a GOP's keyframe to its last
+    wanted frame). Without keyframes there is one group."""
+    gops: list[tuple[int, list[int]]] = []  # (keyframe, wanted frames in its GOP)
+    for frame in wanted:
+        k = bisect.bisect_right(keyframes, frame) - 1
+        keyframe = keyframes[k] if k >= 0 else 0
+        if gops and gops[-1][0] == keyframe:
+            gops[-1][1].append(frame)
+        else:
+            gops.append((keyframe, [frame]))
+    num_groups = min(max_groups, len(gops)) if keyframes else 1
+    if num_groups <= 1:
+        return [list(wanted)]
+    costs = [frames[-1] - keyframe + 1 for keyframe, frames in gops]
+    target = sum(costs) / num_groups
+    groups: list[list[int]] = [[]]
+    done = 0
+    for (_, frames), cost in zip(gops, costs, strict=True):
+        # A GOP goes to the next group when most of its work lies past this group's share.
+        if groups[-1] and done + cost / 2 > target * len(groups) and len(groups) < num_groups:
+            groups.append([])
+        groups[-1].extend(frames)
+        done += cost
+    return groups
 
 
 class _SeekingReader:
     """Decodes wanted frames, seeking to the keyframe before a frame when that skips work.
 
-    Frame numbers come from presentation timestamps, ``(pts - start) * time_base * fps``, and
-    are checked to advance by exactly one per decoded frame; anything else raises
-    ``_IrregularStream`` so the caller falls back to sequential decoding.
+    Frame numbers come from presentation timestamps (``_FrameClock``) and are checked to
+    advance by exactly one per decoded frame; anything else raises ``_IrregularStream`` so the
+    caller falls back to sequential decoding.
     """
 
     def __init__(
-        self, container: av.container.InputContainer, stream: av.VideoStream, probe: VideoProbe
+        self,
+        container: av.container.InputContainer,
+        stream: av.VideoStream,
+        clock: _FrameClock,
+        keyframes: list[int],
+        convert: _FrameConverter,
     ) -> None:
         self.container = container
         self.stream = stream
-        self.fps = Fraction(probe.fps).limit_denominator(1_000_000)
-        self.time_base = stream.time_base
-        self.start = stream.start_time or 0
-        self.keyframes = _keyframe_indices(stream, self._index_of_pts)
+        self.clock = clock
+        self.keyframes = keyframes
+        self.convert = convert
         self.frames: Iterator[av.VideoFrame] | None = None
         self.position = -1  # number of the last frame taken from ``frames``
         self.after_seek = False
 
-    def _index_of_pts(self, pts: int) -> Fraction:
-        return (pts - self.start) * self.time_base * self.fps
-
     def index_of(self, frame: av.VideoFrame) -> int:
         if frame.pts is None:
             raise _IrregularStream
-        exact = self._index_of_pts(frame.pts)
+        exact = self.clock.exact_index(frame.pts)
         index = round(exact)
         if abs(exact - index) > Fraction(1, 4):
             raise _IrregularStream
@@ -328,12 +474,12 @@ class _SeekingReader:
             k = bisect.bisect_right(self.keyframes, target) - 1
             keyframe = self.keyframes[k] if k >= 0 else 0
             return keyframe > self.position + _MIN_SEEK_SKIP
-        return target - self.position > max(64, 4 * round(self.fps))
+        return target - self.position > max(64, 4 * round(self.clock.fps))
 
     def seek(self, target: int) -> None:
-        pts = self.start + math.floor(Fraction(target) / self.fps / self.time_base)
+        pts = self.clock.frames_to_pts(target)
         self.container.seek(
-            max(pts, self.start), stream=self.stream, backward=True, any_frame=False
+            max(pts, self.clock.start), stream=self.stream, backward=True, any_frame=False
         )
         self.frames = iter(self.container.decode(self.stream))
         self.position = -1
@@ -344,7 +490,7 @@ class _SeekingReader:
         self.position = -1
         self.after_seek = False
 
-    def read(self, target: int) -> np.ndarray | None:
+    def read(self, target: int) -> _Decoded | None:
         """The frame numbered ``target``; None at end of stream. Raises _Overshoot after a seek
         that landed past ``target``."""
         for frame in self.frames:
@@ -362,7 +508,7 @@ class _SeekingReader:
                     raise _IrregularStream
             self.position = index
             if index == target:
-                return _to_rgb(frame)
+                return self.convert(frame)
             if index > target:
                 raise _IrregularStream
         if self.after_seek:  # no keyframe at all after the seek
@@ -370,38 +516,76 @@ class _SeekingReader:
         return None
 
 
-class _Overshoot(Exception):
-    pass
-
-
-def _keyframe_indices(stream: av.VideoStream, index_of_pts) -> list[int]:
-    """Keyframe numbers from the container index (mp4/mov; may be empty); planning hints only."""
-    try:
-        entries = stream.index_entries
-        return sorted(round(index_of_pts(e.timestamp)) for e in entries if e.is_keyframe)
-    except (AttributeError, av.FFmpegError, TypeError):
-        return []
-
-
 def _try_decode_seeking(
+    source: bytes | str | os.PathLike,
     container: av.container.InputContainer,
     stream: av.VideoStream,
     probe: VideoProbe,
     wanted: list[int],
-) -> dict[int, np.ndarray] | None:
-    """Decoded frames, or None when the stream needs sequential decoding to be numbered right."""
+    convert: _FrameConverter,
+    max_workers: int,
+) -> dict[int, _Decoded] | None:
+    """Decoded frames, or None when the stream needs sequential decoding to be numbered right.
+
+    PyAV releases the GIL while demuxing, decoding and converting, so the groups' threads run
+    in parallel; the CPUs left over go to FFmpeg's own threads in each group's decoder.
+    """
     if not wanted or not probe.fps or stream.time_base is None:
         return None
+    keyframes = keyframe_indices(stream, _FrameClock(stream, probe))
+    groups = plan_decode_groups(wanted, keyframes, max_workers)
+    if len(groups) == 1:
+        return _decode_group(container, stream, probe, keyframes, wanted, convert)
+    codec_threads = max(1, max_workers // len(groups))
+    futures = [
+        media_thread_pool().submit(
+            _decode_group_in_own_container, source, codec_threads, probe, keyframes, group, convert
+        )
+        for group in groups
+    ]
+    decoded: dict[int, _Decoded] = {}
+    for future in futures:
+        frames = future.result()
+        if frames is None:
+            for pending in futures:
+                pending.cancel()
+            return None
+        decoded.update(frames)
+    return decoded
+
+
+def _decode_group_in_own_container(
+    source: bytes | str | os.PathLike,
+    codec_threads: int,
+    probe: VideoProbe,
+    keyframes: list[int],
+    wanted: list[int],
+    convert: _FrameConverter,
+) -> dict[int, _Decoded] | None:
+    with _open_container(source) as container:
+        stream = _video_stream(container, codec_threads)
+        return _decode_group(container, stream, probe, keyframes, wanted, convert)
+
+
+def _decode_group(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    probe: VideoProbe,
+    keyframes: list[int],
+    wanted: list[int],
+    convert: _FrameConverter,
+) -> dict[int, _Decoded] | None:
+    reader = _SeekingReader(container, stream, _FrameClock(stream, probe), keyframes, convert)
     try:
-        return _decode_seeking(_SeekingReader(container, stream, probe), probe, wanted)
+        return _decode_seeking(reader, probe, wanted)
     except (_IrregularStream, av.FFmpegError):
         return None
 
 
 def _decode_seeking(
     reader: _SeekingReader, probe: VideoProbe, wanted: list[int]
-) -> dict[int, np.ndarray] | None:
-    decoded: dict[int, np.ndarray] = {}
+) -> dict[int, _Decoded] | None:
+    decoded: dict[int, _Decoded] = {}
     for target in wanted:
         if reader.should_seek(target):
             frame = _seek_and_read(reader, target)
@@ -417,7 +601,7 @@ def _decode_seeking(
     return decoded
 
 
-def _seek_and_read(reader: _SeekingReader, target: int) -> np.ndarray | None:
+def _seek_and_read(reader: _SeekingReader, target: int) -> _Decoded | None:
     """Seek to the keyframe before ``target`` and decode up to it.
 
     Seeking by timestamp can land on a keyframe presented after the target (B-frame
@@ -431,7 +615,7 @@ def _seek_and_read(reader: _SeekingReader, target: int) -> np.ndarray | None:
         except _Overshoot:
             if target - back <= 0:
                 raise _IrregularStream from None
-            back = max(2 * back, round(reader.fps), 1)
+            back = max(2 * back, round(reader.clock.fps), 1)
 
 
 # --------------------------------------------------------------------------- pre-decoded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import torch
@@ -16,11 +17,19 @@ class FinishReason:
     type: str  # "stop" | "length" | "abort"
     matched: int | str | None = None  # the stop token id or stop string
     message: str | None = None  # why an abort happened
+    status_code: int | None = None  # HTTP status of an abort the client should see as an error
+
+    @classmethod
+    def rejected(cls, message: str, status_code: int = HTTPStatus.BAD_REQUEST) -> FinishReason:
+        """A request the engine refuses before running it."""
+        return cls("abort", message=message, status_code=int(status_code))
 
     def to_dict(self) -> dict[str, Any]:
         reason: dict[str, Any] = {"type": self.type, "matched": self.matched}
         if self.message is not None:
             reason["message"] = self.message
+        if self.status_code is not None:
+            reason["status_code"] = self.status_code
         return reason
 
 

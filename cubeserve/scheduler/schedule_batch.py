@@ -14,13 +14,18 @@ from cubeserve.scheduler.request import Req
 
 @dataclass
 class ScheduleBatch:
-    """EXTEND: request ``i`` computes ``fill_ids[kv_len : kv_len + extend_lens[i]]`` (a chunk
-    of its prompt, possibly after a cached prefix). DECODE: each request feeds its last output
-    token."""
+    """Request ``i`` computes ``fill_ids[kv_len : kv_len + extend_lens[i]]``.
+
+    EXTEND: chunks of prompts, each possibly after a cached prefix. DECODE: each request feeds
+    its last output token. The last ``num_decoding`` requests are running requests decoding:
+    all of a DECODE batch, and in a mixed batch (an EXTEND batch, ``mixed_with_decode``) the
+    ones riding along as 1-token extends on top of their whole KV.
+    """
 
     mode: ForwardMode
     reqs: list[Req]
     extend_lens: list[int]
+    num_decoding: int = 0
 
     @classmethod
     def extend(cls, reqs: list[Req], extend_lens: list[int]) -> ScheduleBatch:
@@ -28,7 +33,21 @@ class ScheduleBatch:
 
     @classmethod
     def decode(cls, reqs: list[Req]) -> ScheduleBatch:
-        return cls(ForwardMode.DECODE, reqs, [1] * len(reqs))
+        return cls(ForwardMode.DECODE, reqs, [1] * len(reqs), num_decoding=len(reqs))
+
+    def mixed_with_decode(self, running: list[Req]) -> ScheduleBatch:
+        """This extend batch plus one decode token of each of ``running``."""
+        return ScheduleBatch(
+            ForwardMode.EXTEND,
+            self.reqs + running,
+            self.extend_lens + [1] * len(running),
+            num_decoding=self.num_decoding + len(running),
+        )
+
+    @property
+    def prefill_reqs(self) -> list[Req]:
+        """The requests computing prompt tokens (or recomputing outputs after a retraction)."""
+        return self.reqs[: len(self.reqs) - self.num_decoding]
 
     @property
     def num_new_tokens(self) -> int:
@@ -70,9 +89,12 @@ class ScheduleBatch:
             self._add_multimodal(batch, device)
         return batch
 
-    def _new_token_ids(self, req: Req, n: int) -> list[int]:
-        if self.mode is ForwardMode.DECODE:
-            return req.output_ids[-1:]
+    @staticmethod
+    def _new_token_ids(req: Req, n: int) -> list[int]:
+        """``fill_ids[kv_len : kv_len + n]`` without copying the prompt when decoding."""
+        start = req.kv_len - len(req.origin_input_ids)
+        if start >= 0:
+            return req.output_ids[start : start + n]
         return req.fill_ids[req.kv_len : req.kv_len + n]
 
     def _add_multimodal(self, batch: ForwardBatch, device: torch.device) -> None:

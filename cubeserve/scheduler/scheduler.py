@@ -1,7 +1,10 @@
 """The engine's scheduling loop: continuous batching over a paged, prefix-cached KV pool.
 
 Every step runs one forward: an EXTEND batch when waiting (or half-prefilled) requests can be
-admitted, else a DECODE batch of all running requests (SGLang's prefill-first policy).
+admitted, else a DECODE batch of all running requests (SGLang's prefill-first policy). With
+``--enable-mixed-chunk`` (the default) the running requests also decode inside the EXTEND
+batch, as 1-token extends after the prompt chunks (SGLang's mixed chunked prefill), so they
+keep streaming while long prompts are prefilled chunk by chunk.
 
 KV accounting: a request's row in the ReqToTokenPool lists its slots; the part that came from
 the radix cache is locked there, the rest it owns. When it finishes (or is aborted, or
@@ -13,9 +16,8 @@ the newest running requests are retracted to the waiting queue and recomputed la
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Any
 
 import torch
@@ -26,7 +28,9 @@ from cubeserve.engine.detokenizer import tail_contains_stop
 from cubeserve.engine.io_struct import (
     AbortReq,
     BatchTokenOutput,
+    EngineInfo,
     EngineStats,
+    FlushCacheOutput,
     FlushCacheReq,
     GetStatsReq,
     TokenizedGenerateReq,
@@ -34,10 +38,8 @@ from cubeserve.engine.io_struct import (
 )
 from cubeserve.engine.ipc import (
     EngineAddresses,
-    EngineInfo,
-    FlushCacheOutput,
     connect,
-    exit_when_parent_dies,
+    init_engine_process,
     recv_all,
     report_startup_failure,
 )
@@ -77,6 +79,7 @@ class Scheduler:
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
         self.reservation = DecodeReservation()
         self.chunked_prefill_size = server_args.chunked_prefill_size
+        self.enable_mixed_chunk = server_args.enable_mixed_chunk
         self.max_queued_requests = server_args.max_queued_requests
         self.mm_encoder = create_encode_stage(model_runner.model)
 
@@ -108,7 +111,8 @@ class Scheduler:
             raise TypeError(f"unexpected message {type(message).__name__}")
         return None
 
-    def add_request(self, recv: TokenizedGenerateReq) -> None:
+    def add_request(self, recv: TokenizedGenerateReq) -> Req:
+        """Queue ``recv`` (after its media are encoded), or finish it at once as aborted."""
         req = Req(
             rid=recv.rid,
             origin_input_ids=list(recv.input_ids),
@@ -119,32 +123,40 @@ class Scheduler:
             stream=recv.stream,
             mm_inputs=recv.mm_inputs,
         )
-        error = self._rejection(req)
-        if error is not None:
-            self._finish(req, FinishReason("abort", message=error))
+        rejection = self._rejection(req)
+        if rejection is not None:
+            self._finish(req, rejection)
         else:
             self.waiting.append(req)
+        return req
 
-    def _rejection(self, req: Req) -> str | None:
-        """Why ``req`` cannot be served, or None. Runs the multimodal encoder."""
+    def _rejection(self, req: Req) -> FinishReason | None:
+        """Why ``req`` cannot be served, or None. Runs the multimodal encoder, then settles
+        ``max_new_tokens`` (default: the rest of the context) on the expanded prompt."""
         if len(self.waiting) >= self.max_queued_requests:
-            return f"the waiting queue is full ({self.max_queued_requests} requests)"
+            return FinishReason.rejected(
+                f"the waiting queue is full ({self.max_queued_requests} requests)",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+            )
         if req.mm_inputs is not None:
             if self.mm_encoder is None:
-                return f"{type(self.runner.model).__name__} does not accept images or videos"
+                return FinishReason.rejected(
+                    f"{type(self.runner.model).__name__} does not accept images or videos"
+                )
             try:
                 self.mm_encoder(req)
             except Exception as err:  # bad media must fail its request, not the engine
                 logger.exception("multimodal encoding failed for request %s", req.rid)
-                return f"multimodal input error: {err}"
+                return FinishReason.rejected(f"multimodal input error: {err}")
         if not req.origin_input_ids:
-            return "the prompt is empty"
-        max_new_tokens = req.sampling_params.max_new_tokens
-        if len(req.origin_input_ids) + max_new_tokens > self.runner.context_len:
-            return (
-                f"the prompt ({len(req.origin_input_ids)} tokens) plus max_new_tokens "
-                f"({max_new_tokens}) exceeds the context length ({self.runner.context_len} tokens)"
+            return FinishReason.rejected("the prompt is empty")
+        params = req.sampling_params
+        try:
+            params.max_new_tokens = params.max_new_tokens_within(
+                len(req.origin_input_ids), self.runner.context_len
             )
+        except ValueError as err:
+            return FinishReason.rejected(str(err))
         return None
 
     def abort_request(self, rid: str) -> None:
@@ -178,24 +190,44 @@ class Scheduler:
             generated_tokens_total=self.num_generated_tokens,
             encoder_cache_hits=self.mm_encoder.cache.hits if self.mm_encoder else 0,
             encoder_cache_queries=self.mm_encoder.cache.queries if self.mm_encoder else 0,
+            num_retracted_reqs=self.num_retracted_reqs,
         )
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[TokenOutput]:
         """Run at most one forward; returns the outputs to send to the frontend."""
-        batch = self._schedule_extend() or self._schedule_decode()
+        batch = self._schedule()
         if batch is not None:
             self._run_batch(batch)
         return self._drain_outputs()
 
-    def _schedule_extend(self) -> ScheduleBatch | None:
+    def _schedule(self) -> ScheduleBatch | None:
+        """The next forward: prompt chunks when any can run (prefill-first), carrying one decode
+        token of every running request when mixing; else a decode of all running requests.
+
+        Mixing needs room for prompt tokens in the chunk budget; with more running requests
+        than that, prompt chunks run alone so that waiting requests still get admitted.
+        """
+        if not (self.enable_mixed_chunk and 0 < len(self.running) < self.chunked_prefill_size):
+            return self._schedule_extend() or self._schedule_decode()
+        self._reserve_decode_slots()
+        extend = self._schedule_extend(decode_tokens=len(self.running))
+        if extend is None:
+            return self._schedule_decode()
+        self.reservation.on_decode_step()
+        return extend.mixed_with_decode(list(self.running))
+
+    def _schedule_extend(self, decode_tokens: int = 0) -> ScheduleBatch | None:
+        """``decode_tokens``: running requests decoding in the same forward. Their KV slots are
+        already reserved, and they count against the chunk budget, so that no forward computes
+        more than ``chunked_prefill_size`` tokens."""
         reqs: list[Req] = []
         lens: list[int] = []
-        budget = self.chunked_prefill_size
+        budget = self.chunked_prefill_size - decode_tokens
         if self.chunked_req is not None:
             req = self.chunked_req
-            n = min(req.fill_len - req.kv_len, budget, self._available_tokens())
+            n = min(req.fill_len - req.kv_len, budget, self._available_tokens() - decode_tokens)
             if n == 0:
                 return None
             reqs.append(req)
@@ -210,7 +242,7 @@ class Scheduler:
         for req in self.waiting:
             if budget == 0 or self.req_to_token_pool.available_size() == 0:
                 break
-            n = self._admit(req, budget, batch=reqs, pending_tokens=sum(lens))
+            n = self._admit(req, budget, batch=reqs, pending_tokens=decode_tokens + sum(lens))
             if n is None:
                 break
             admitted.append(req)
@@ -255,10 +287,14 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduleBatch | None:
         if not self.running:
             return None
-        while self._available_tokens() < len(self.running):
-            self._retract_newest()
+        self._reserve_decode_slots()
         self.reservation.on_decode_step()
         return ScheduleBatch.decode(list(self.running))
+
+    def _reserve_decode_slots(self) -> None:
+        """Retract until every running request has a KV slot for its next token."""
+        while self._available_tokens() < len(self.running):
+            self._retract_newest()
 
     def _retract_newest(self) -> None:
         """Send the newest running request back to the waiting queue, freeing its KV; the
@@ -286,6 +322,7 @@ class Scheduler:
         # Requests whose whole prompt now has KV sample a token; a chunked one waits.
         ready = [i for i, req in enumerate(batch.reqs) if req.kv_len == req.fill_len]
         ready_reqs = [batch.reqs[i] for i in ready]
+        prefilled = [req for req in batch.prefill_reqs if req.kv_len == req.fill_len]
         for req in batch.reqs:
             if req.kv_len < req.fill_len:
                 self._cache_chunked_prefix(req)
@@ -299,10 +336,7 @@ class Scheduler:
         for req in ready_reqs:
             if req.finished:
                 self._release_kv(req)
-            elif not batch.mode.is_decode:
-                self.running.append(req)
-        if batch.mode.is_decode:
-            self.running = [req for req in self.running if not req.finished]
+        self.running = [req for req in self.running + prefilled if not req.finished]
 
     def _append_tokens(self, reqs: list[Req], sampled: SampleOutput) -> None:
         for i, (req, token_id) in enumerate(zip(reqs, sampled.next_token_ids)):
@@ -430,15 +464,9 @@ def run_scheduler_process(
     server_args: ServerArgs, addresses: EngineAddresses, ready_conn: Any, parent_pid: int
 ) -> None:
     """Entry point of the engine process."""
-    exit_when_parent_dies(parent_pid)
-    # Exit through the interpreter on terminate(), so that process-level cleanup runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    logging.basicConfig(
-        level=server_args.log_level.upper(),
-        format="%(asctime)s [engine] %(levelname)s %(name)s: %(message)s",
-    )
+    init_engine_process(parent_pid, server_args.log_level)
     try:
-        scheduler = _build_scheduler(server_args)
+        scheduler = build_scheduler(server_args)
         context = zmq.Context()
         recv_socket = connect(context, zmq.PULL, addresses.to_engine)
         send_socket = connect(context, zmq.PUSH, addresses.from_engine)
@@ -450,7 +478,8 @@ def run_scheduler_process(
     scheduler.event_loop(recv_socket, send_socket)
 
 
-def _build_scheduler(server_args: ServerArgs) -> Scheduler:
+def build_scheduler(server_args: ServerArgs) -> Scheduler:
+    """The engine process's model runner and scheduler for ``server_args``."""
     model_path = server_args.model_path
     runner = ModelRunner(server_args, load_model_config(model_path))
     tokenizer = load_tokenizer(server_args.tokenizer_path or model_path)

@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cubeserve.engine.tokenizer_manager import EngineDeadError
+
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client disconnected
@@ -134,6 +136,10 @@ async def _http_error_handler(_: Request, exc: StarletteHTTPException) -> JSONRe
     return error_response(exc.status_code, message, headers=exc.headers)
 
 
+async def _engine_dead_handler(_: Request, exc: EngineDeadError) -> JSONResponse:
+    return error_response(503, str(exc))
+
+
 async def _client_disconnected_handler(_: Request, exc: ClientDisconnected) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; logs and metrics do
 
@@ -147,5 +153,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
+    app.add_exception_handler(EngineDeadError, _engine_dead_handler)
     app.add_exception_handler(ClientDisconnected, _client_disconnected_handler)
     app.add_exception_handler(Exception, _unexpected_error_handler)

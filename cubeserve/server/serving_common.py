@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from cubeserve.engine.io_struct import GenerateReqInput
 from cubeserve.engine.tokenizer_manager import EngineDeadError
+from cubeserve.multimodal.media import MediaError
 from cubeserve.server.context import ServingContext
 from cubeserve.server.errors import APIError, bad_request, error_body
 from cubeserve.server.generation import SequenceDelta, TokenLogprob, cancel_on_disconnect, collect, generate
@@ -106,7 +107,9 @@ def as_api_error(exc: Exception) -> APIError | None:
     """The client-facing form of an error raised by the tokenizer manager, if it has one."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, ValueError):  # invalid sampling params, prompt too long, bad media...
+    if isinstance(exc, MediaError):
+        return bad_request(str(exc), exc.param)
+    if isinstance(exc, ValueError):  # invalid sampling params, prompt too long...
         return bad_request(str(exc))
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc))

@@ -12,10 +12,14 @@ Public API
     ``mm_use_video_start_end``, ``mm_use_im_start_end``, ``mm_use_patch_start_end``;
     ``from_dicts(model_config, preprocessor_config, conv_template=None)``,
     ``from_model_dir(model_dir, conv_template=None)`` (original on-disk format: ``config.json``
-    with ``mm_*`` fields and ``<mm_vision_tower>/preprocessor_config.json``).
+    with ``mm_*`` fields and ``<mm_vision_tower>/preprocessor_config.json``; converted format:
+    everything from ``config.json``).
 
 ``MediaItem`` (dataclass), one per image / video, in prompt order
-    ``kind`` ("image" | "video"), ``pixel_values`` (views or frames, 3, S, S) float32,
+    ``kind`` ("image" | "video"), ``pixels`` (views or frames, S, S, 3) uint8 - 4x smaller
+    to send to the engine than float pixels, which it normalises on the model's device -
+    and ``normalization``; ``pixel_values`` (views or frames, 3, S, S) float32 on the CPU,
+    ``pixel_values_on(device, dtype)`` (normalised on ``device``),
     ``content_hash`` (63-bit int), ``image_sizes`` ((W, H) per frame for a video, one for an
     image), ``num_views`` (frames or views), ``placeholder_span`` (half-open range of this
     item's placeholders, counted among all -200 ids of the request; a video's span includes its
@@ -28,9 +32,13 @@ Public API
     ``merge_cubes(frame_bounds_per_video) -> list[int]``.
 
 ``QuicksviewerProcessor(tokenizer, config, *, allowed_local_media_path=None, limits=MediaLimits(),
-default_video_fps=1.0, default_max_frames=420, num_threads=None)``
+default_video_fps=1.0, default_max_frames=420,
+media_cache_bytes=4 GiB)``
     ``from_pretrained(model_dir, tokenizer=None, conv_template=None, **kwargs)``,
     ``process(messages, add_generation_prompt=True) -> ProcessedRequest``.
+    Media given as a file or inline bytes (data: URL) are decoded and preprocessed once: an LRU
+    (``media_cache``, bounded in bytes) keeps the ``MediaItem`` per (source identity, fps,
+    max_frames); a file is identified by path, size and mtime, inline data by its hash.
     ``messages``: ``{"role": "system"|"user"|"assistant", "content": str | list[part]}`` with
     parts ``{"type": "text", "text"}``, ``{"type": "image_url", "image_url": {"url"}}``,
     ``{"type": "video_url", "video_url": {"url", "fps"?, "max_frames"?}}``, and for Python
@@ -61,8 +69,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,6 +79,7 @@ import torch
 from PIL import Image
 
 from cubeserve.engine.tokenizer import load_tokenizer
+from cubeserve.multimodal.cache import ByteBoundedLRU
 from cubeserve.multimodal.image import (
     PixelNormalization,
     anyres_views,
@@ -88,7 +97,12 @@ from cubeserve.multimodal.media import (
     resolve_media_source,
     to_pil_image,
 )
-from cubeserve.multimodal.video import VideoFrames, read_video, video_from_frames
+from cubeserve.multimodal.video import (
+    VideoFrames,
+    frames_content_hash,
+    read_video,
+    video_from_frames,
+)
 
 IMAGE_PLACEHOLDER_ID = -200
 IMAGE_MARKER = "<image>"
@@ -178,7 +192,8 @@ class QuicksviewerProcessorConfig:
                 conv_template or template_for_backbone(model_config)
             ).name,
             image_aspect_ratio=model_config.get("image_aspect_ratio", "anyres"),
-            mm_use_thumbnail=bool(model_config.get("mm_use_thumbnail", False)),
+            # Missing flag: the model side builds a thumbnail (the original defaults it on there).
+            mm_use_thumbnail=bool(model_config.get("mm_use_thumbnail", True)),
             mm_use_thumbnail_start_end=bool(model_config.get("mm_use_thumbnail_start_end", False)),
             mm_use_video_start_end=bool(model_config.get("mm_use_video_start_end", False)),
             mm_use_im_start_end=bool(model_config.get("mm_use_im_start_end", False)),
@@ -191,6 +206,16 @@ class QuicksviewerProcessorConfig:
     ) -> QuicksviewerProcessorConfig:
         model_dir = Path(model_dir)
         model_config = json.loads((model_dir / "config.json").read_text())
+        if model_config.get("model_type") == "quicksviewer":  # converted: pixel settings in config.json
+            preprocessor_config = {
+                key: model_config[key]
+                for key in ("image_mean", "image_std", "rescale_factor")
+                if key in model_config
+            }
+            preprocessor_config["size"] = model_config.get("image_size")
+            return cls.from_dicts(
+                model_config, preprocessor_config, conv_template or model_config.get("conv_template")
+            )
         tower = Path(model_config.get("mm_vision_tower") or "siglip_vision")
         tower_dir = tower if tower.is_absolute() else model_dir / tower
         preprocessor_path = tower_dir / "preprocessor_config.json"
@@ -215,7 +240,7 @@ def _image_size(preprocessor_config: dict) -> int:
 @dataclass
 class MediaItem:
     kind: MediaKind
-    pixel_values: torch.Tensor  # (frames or views, 3, S, S) float32
+    pixels: np.ndarray  # (frames or views, S, S, 3) uint8 RGB, resized
     content_hash: int
     image_sizes: list[tuple[int, int]]  # (W, H): one per frame (video) / one (image)
     num_views: int
@@ -223,6 +248,18 @@ class MediaItem:
     timestamps: list[float] | None = None
     frame_indices: list[int] | None = None
     has_thumbnail: bool = False
+    normalization: PixelNormalization = PixelNormalization()
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """(frames or views, 3, S, S) float32, normalised on the CPU."""
+        return normalize_pixels(self.pixels, self.normalization)
+
+    def pixel_values_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``pixel_values`` on ``device`` in ``dtype``: the uint8 pixels cross to the device (a
+        quarter of float32's bytes) and are normalised there, with the same float32 values."""
+        uint8_pixels = torch.from_numpy(self.pixels).to(device)
+        return normalize_pixels(uint8_pixels, self.normalization, dtype)
 
     @property
     def num_placeholders(self) -> int:
@@ -421,16 +458,33 @@ def postprocess_output_ids(
 # --------------------------------------------------------------------------- processor
 
 
-@dataclass
-class _LoadedImage:
-    image: Image.Image
+DEFAULT_MEDIA_CACHE_BYTES = 4 << 30
+
+# (kind, source identity, sampling options): see ``_source_identity``.
+MediaCacheKey = tuple[Any, ...]
 
 
 @dataclass
 class _MessagePlan:
     role: str
     text: str
-    media: list[_LoadedImage | VideoFrames]
+    media: list[MediaItem]
+
+
+def _source_identity(source: bytes | Path) -> tuple[Any, ...]:
+    """Identifies encoded media without decoding it: inline bytes by their hash, a local file
+    by its resolved path, size and modification time (so an edited file is decoded anew)."""
+    if isinstance(source, bytes):
+        return ("bytes", content_hash(source))
+    try:
+        stat = source.stat()
+    except OSError as exc:
+        raise MediaError(f"cannot read media file: {exc.strerror or exc}") from None
+    return ("file", str(source), stat.st_size, stat.st_mtime_ns)
+
+
+def _media_item_nbytes(item: MediaItem) -> int:
+    return item.pixels.nbytes
 
 
 class QuicksviewerProcessor:
@@ -445,8 +499,10 @@ class QuicksviewerProcessor:
         limits: MediaLimits = MediaLimits(),
         default_video_fps: float = 1.0,
         default_max_frames: int | None = 420,
-        num_threads: int | None = None,
+        media_cache_bytes: int = DEFAULT_MEDIA_CACHE_BYTES,
     ) -> None:
+        """``media_cache_bytes`` bounds the decoded and preprocessed media kept for files and
+        inline data seen before (0 disables it); pre-decoded frames and images are not cached."""
         self.tokenizer = tokenizer
         self.config = config
         self.template = resolve_chat_template(config.conv_template)
@@ -454,7 +510,9 @@ class QuicksviewerProcessor:
         self.limits = limits
         self.default_video_fps = default_video_fps
         self.default_max_frames = default_max_frames
-        self.num_threads = num_threads
+        self.media_cache: ByteBoundedLRU[MediaCacheKey, MediaItem] = ByteBoundedLRU(
+            media_cache_bytes, _media_item_nbytes
+        )
 
     @classmethod
     def from_pretrained(
@@ -481,8 +539,8 @@ class QuicksviewerProcessor:
         for plan in plans:
             role = self.template.user_role if plan.role == "user" else self.template.assistant_role
             body: list = []
-            for item in plan.media:
-                block, processed = self._media_block(item)
+            for processed in plan.media:
+                block = self._media_block(processed)
                 processed.placeholder_span = (
                     num_placeholders,
                     num_placeholders + sum(s is _PLACEHOLDER for s in block),
@@ -511,7 +569,7 @@ class QuicksviewerProcessor:
             raise ValueError("messages must not be empty")
         system_texts: list[str] = []
         plans: list[_MessagePlan] = []
-        for message in messages:
+        for position, message in enumerate(messages):
             role = message.get("role") if isinstance(message, dict) else None
             if role in ("system", "developer"):
                 if plans:
@@ -522,7 +580,9 @@ class QuicksviewerProcessor:
                 system_texts.append(text)
             elif role in ("user", "assistant"):
                 text, media = self._parse_content(
-                    message.get("content"), allow_media=role == "user"
+                    message.get("content"),
+                    allow_media=role == "user",
+                    field=f"messages.{position}.content",
                 )
                 plans.append(_MessagePlan(role, text, media))
             else:
@@ -533,7 +593,10 @@ class QuicksviewerProcessor:
             raise ValueError("the last message must be a user message")
         return ("\n".join(system_texts) if system_texts else None), plans
 
-    def _parse_content(self, content: Any, allow_media: bool) -> tuple[str, list]:
+    def _parse_content(
+        self, content: Any, allow_media: bool, field: str = "content"
+    ) -> tuple[str, list]:
+        """Text and loaded media of one message; a ``MediaError`` names its part (``param``)."""
         if content is None:
             return "", []
         if isinstance(content, str):
@@ -544,7 +607,7 @@ class QuicksviewerProcessor:
             )
         texts: list[str] = []
         media: list = []
-        for part in content:
+        for index, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 texts.append(str(part.get("text", "")))
@@ -553,29 +616,36 @@ class QuicksviewerProcessor:
                 raise ValueError(f"unsupported content part type {kind!r}")
             if not allow_media:
                 raise ValueError(f"{kind} parts are only allowed in user messages")
-            media.append(
-                self._load_image(part) if kind.startswith("image") else self._load_video(part)
-            )
+            try:
+                media.append(
+                    self._load_image(part) if kind.startswith("image") else self._load_video(part)
+                )
+            except MediaError as exc:
+                exc.param = f"{field}.{index}.{kind}"
+                raise
         return "\n".join(texts), media
 
     # ---- media loading
 
-    def _load_image(self, part: dict) -> _LoadedImage:
+    def _load_image(self, part: dict) -> MediaItem:
         payload = part.get(part["type"])
         if isinstance(payload, dict):
             payload = payload.get("url")
         if payload is None:
             raise MediaError(f"{part['type']} part without an image")
         if isinstance(payload, (Image.Image, np.ndarray)):
-            return _LoadedImage(to_pil_image(payload, limits=self.limits))
+            return self._image_item(to_pil_image(payload, limits=self.limits))
         source = resolve_media_source(
             payload, allowed_local_media_path=self.allowed_local_media_path, limits=self.limits
         )
-        return _LoadedImage(
-            decode_image(read_source_bytes(source, limits=self.limits), limits=self.limits)
+        return self._cached(
+            ("image", _source_identity(source)),
+            lambda: self._image_item(
+                decode_image(read_source_bytes(source, limits=self.limits), limits=self.limits)
+            ),
         )
 
-    def _load_video(self, part: dict) -> VideoFrames:
+    def _load_video(self, part: dict) -> MediaItem:
         options = part.get(part["type"])
         if not isinstance(options, dict):
             options = {"url": options}
@@ -586,34 +656,55 @@ class QuicksviewerProcessor:
         fps = options.get("fps")
         max_frames = options.get("max_frames", options.get("num_frames", self.default_max_frames))
         if isinstance(payload, VideoFrames):
-            return payload
+            return self._video_item(payload)
         if isinstance(payload, (np.ndarray, list, tuple)):
-            return video_from_frames(
-                payload,
-                options.get("timestamps"),
-                fps=fps,
-                frame_indices=options.get("frame_indices"),
-                limits=self.limits,
+            return self._video_item(
+                video_from_frames(
+                    payload,
+                    options.get("timestamps"),
+                    fps=fps,
+                    frame_indices=options.get("frame_indices"),
+                    limits=self.limits,
+                )
             )
         source = resolve_media_source(
             payload, allowed_local_media_path=self.allowed_local_media_path, limits=self.limits
         )
-        return read_video(
-            source,
-            fps=float(fps) if fps is not None else self.default_video_fps,
-            num_frames=int(max_frames) if max_frames is not None else None,
-            limits=self.limits,
+        sample_fps = float(fps) if fps is not None else self.default_video_fps
+        num_frames = int(max_frames) if max_frames is not None else None
+        return self._cached(
+            ("video", _source_identity(source), sample_fps, num_frames),
+            lambda: self._video_item(
+                read_video(
+                    source,
+                    fps=sample_fps,
+                    num_frames=num_frames,
+                    limits=self.limits,
+                    frame_size=self.config.image_size,
+                )
+            ),
         )
+
+    def _cached(self, key: MediaCacheKey, load: Callable[[], MediaItem]) -> MediaItem:
+        """``load()``'s item, decoded and preprocessed once per key while it stays cached.
+
+        Returns a copy: ``process`` sets the copy's ``placeholder_span``, which differs between
+        requests (and between two uses of one medium in a request); the pixels are shared.
+        """
+        item = self.media_cache.get(key)
+        if item is None:
+            item = load()
+            self.media_cache.put(key, item)
+        return replace(item)
 
     # ---- prompt blocks and pixels
 
-    def _media_block(self, item: _LoadedImage | VideoFrames) -> tuple[list, MediaItem]:
-        if isinstance(item, VideoFrames):
-            return self._video_block(item), self._video_item(item)
-        processed = self._image_item(item.image)
-        return self._image_block(processed.num_views), processed
+    def _media_block(self, item: MediaItem) -> list:
+        if item.kind == "video":
+            return self._video_block(item.timestamps)
+        return self._image_block(item.num_views)
 
-    def _video_block(self, video: VideoFrames) -> list:
+    def _video_block(self, timestamps: Sequence[float]) -> list:
         cfg = self.config
         block: list = []
         if cfg.mm_use_thumbnail:
@@ -622,7 +713,7 @@ class QuicksviewerProcessor:
                 if cfg.mm_use_thumbnail_start_end
                 else [_PLACEHOLDER]
             )
-        for ts in video.timestamps:
+        for ts in timestamps:
             block += [str(float(ts)), _PLACEHOLDER]
         if cfg.mm_use_video_start_end:
             block = ["<video_start>", *block, "<video_end>"]
@@ -640,11 +731,14 @@ class QuicksviewerProcessor:
         return block
 
     def _video_item(self, video: VideoFrames) -> MediaItem:
-        squashed = resize_frames(video.frames, self.config.image_size, num_threads=self.num_threads)
+        squashed = resize_frames(video.frames, self.config.image_size)
+        # Frames squashed while decoding come with their digests, taken in the decoding threads.
+        digests = video.frame_digests if squashed is video.frames else None
         return MediaItem(
             kind="video",
-            pixel_values=normalize_pixels(squashed, self.config.normalization),
-            content_hash=content_hash(squashed, salt=b"video"),
+            pixels=squashed,
+            normalization=self.config.normalization,
+            content_hash=frames_content_hash(squashed, salt=b"video", frame_digests=digests),
             image_sizes=[video.size_wh] * video.num_frames,
             num_views=video.num_frames,
             timestamps=[float(t) for t in video.timestamps],
@@ -660,7 +754,8 @@ class QuicksviewerProcessor:
             views = np.asarray(resize_bicubic(image, (size, size)))[None]
         return MediaItem(
             kind="image",
-            pixel_values=normalize_pixels(views, self.config.normalization),
+            pixels=views,
+            normalization=self.config.normalization,
             content_hash=content_hash(views, salt=b"image"),
             image_sizes=[image.size],
             num_views=len(views),
