@@ -59,6 +59,11 @@ class ModelRunner:
         self.vocab_size: int = text_config.vocab_size
         self.device = resolve_device(server_args.device)
         self.dtype = resolve_dtype(server_args.dtype, model_config, self.device)
+        if self.dtype == torch.float32:
+            # cuDNN runs fp32 convolutions (SigLIP's patch embedding) in TF32 by default: that
+            # alone moved the vision features by ~7e-4 on H100. float32 must mean float32.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         torch.manual_seed(server_args.random_seed)
 
         model_cls = ModelRegistry.resolve(model_config.architectures or [])
