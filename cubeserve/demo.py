@@ -47,6 +47,7 @@ DEMO_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 DEMO_MM_TOKENS = tuple(text for _, text, _ in MM_SPECIAL_TOKENS)
 DEMO_BPE_MAX_VOCAB_SIZE = 1024  # an upper bound: the small corpus yields about 430 tokens
 DEMO_SEED = 0
+DEMO_MODEL_NAME = "cubeserve-demo"  # the name the server lists for the built-in model
 # Qwen2's pre-tokenizer split; transformers rebuilds this pipeline when it loads a Qwen2 tokenizer.
 QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 DEMO_TEXT_CONFIG = {

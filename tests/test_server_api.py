@@ -462,3 +462,18 @@ def test_throughput_meter_uses_the_last_window():
     assert meter.update(300, now=12.0) == 25.0  # from t=0: the t=5 sample is less than a window old
     assert meter.update(400, now=20.0) == 20.0  # from t=5: the t=0 sample is dropped
     assert meter.update(400, now=40.0) == 0.0
+
+
+def test_built_in_demo_model_is_listed_under_a_short_name() -> None:
+    from types import SimpleNamespace
+
+    from cubeserve.server.http_server import build_context
+    from cubeserve.server_args import ServerArgs
+
+    info = SimpleNamespace(model_path="/cache/demo-quicksviewer", dtype="float32", context_len=4096,
+                           kv_capacity_tokens=8192, max_running_requests=8)
+    manager = SimpleNamespace(info=info)
+    assert build_context(manager, ServerArgs()).model.name == "cubeserve-demo"
+    assert build_context(manager, ServerArgs(model_path="/m/qv")).model.name == "/cache/demo-quicksviewer"
+    named = ServerArgs(model_path="/m/qv", served_model_name="qv")
+    assert build_context(manager, named).model.name == "qv"

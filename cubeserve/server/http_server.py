@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from cubeserve import __version__
+from cubeserve.demo import DEMO_MODEL_NAME
 from cubeserve.engine.io_struct import EngineStats, GenerateReqInput
 from cubeserve.engine.tokenizer_manager import TokenizerManager
 from cubeserve.server.auth import ApiKeyMiddleware
@@ -154,7 +155,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def build_context(manager: TokenizerManager, server_args: ServerArgs) -> ServingContext:
     info = manager.info
     model = ModelInfo(
-        name=server_args.served_model_name or info.model_path,
+        name=server_args.served_model_name
+        or (DEMO_MODEL_NAME if server_args.model_path is None else info.model_path),
         path=info.model_path,
         dtype=info.dtype,
         context_length=info.context_len,
