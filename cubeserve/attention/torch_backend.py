@@ -60,12 +60,7 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         meta: TorchAttentionMetadata = batch.attn_metadata
         num_tokens, head_dim = q.shape[0], layer.head_dim
-        batch.kv_cache.set_kv(
-            layer.layer_id,
-            batch.out_cache_loc,
-            k.view(num_tokens, layer.num_kv_heads, head_dim),
-            v.view(num_tokens, layer.num_kv_heads, head_dim),
-        )
+        self.store_kv(k, v, layer, batch)
         q = q.view(num_tokens, layer.num_heads, head_dim)
         if len(meta.groups) == 1:  # every token is in the group, in order
             return _attend(q, layer, batch, meta.groups[0])

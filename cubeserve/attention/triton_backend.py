@@ -89,13 +89,8 @@ class TritonAttentionBackend(AttentionBackend):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         num_tokens, head_dim = q.shape[0], layer.head_dim
+        self.store_kv(k, v, layer, batch)
         cache = batch.kv_cache
-        cache.set_kv(
-            layer.layer_id,
-            batch.out_cache_loc,
-            k.view(num_tokens, layer.num_kv_heads, head_dim),
-            v.view(num_tokens, layer.num_kv_heads, head_dim),
-        )
         k_buffer, v_buffer = cache.k_buffers[layer.layer_id], cache.v_buffers[layer.layer_id]
         out = torch.empty((num_tokens, layer.num_heads, head_dim), dtype=q.dtype, device=q.device)
         queries = q.view(num_tokens, layer.num_heads, head_dim).to(k_buffer.dtype)

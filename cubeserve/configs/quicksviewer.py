@@ -459,6 +459,13 @@ def config_from_original(model_dir: str | Path) -> QuicksviewerConfig:
     )
 
 
+def is_quicksviewer_checkpoint(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` holds a Quicksviewer checkpoint, original or converted."""
+    return str(_read_json(Path(model_dir) / "config.json").get("model_type", "")).startswith(
+        "quicksviewer"
+    )
+
+
 def is_original_checkpoint(model_dir: str | Path) -> bool:
     raw = _read_json(Path(model_dir) / "config.json")
     return raw.get("model_type") != QuicksviewerConfig.model_type

@@ -7,7 +7,6 @@ runner when it can replay them.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -43,10 +42,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def load_model_config(model_path: str | Path) -> PretrainedConfig:
     """The checkpoint's config; Quicksviewer checkpoints (original or converted) included."""
-    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type", "")
-    if model_type.startswith("quicksviewer"):
-        from cubeserve.configs.quicksviewer import load_quicksviewer_config
+    from cubeserve.configs.quicksviewer import is_quicksviewer_checkpoint, load_quicksviewer_config
 
+    if is_quicksviewer_checkpoint(model_path):
         return load_quicksviewer_config(model_path)
     return AutoConfig.from_pretrained(str(model_path), local_files_only=True)
 

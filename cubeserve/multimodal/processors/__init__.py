@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
+from cubeserve.configs.quicksviewer import is_quicksviewer_checkpoint
 from cubeserve.server_args import ServerArgs
 
 if TYPE_CHECKING:
@@ -25,8 +24,7 @@ def create_multimodal_processor(
     server_args: ServerArgs, tokenizer: PreTrainedTokenizerBase
 ) -> QuicksviewerProcessor | None:
     """The processor of the checkpoint at ``server_args.model_path``; None for text-only models."""
-    config = json.loads((Path(server_args.model_path) / "config.json").read_text(encoding="utf-8"))
-    if not str(config.get("model_type", "")).startswith("quicksviewer"):
+    if not is_quicksviewer_checkpoint(server_args.model_path):
         return None
     from cubeserve.multimodal.processors.quicksviewer import QuicksviewerProcessor
 
