@@ -32,7 +32,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     max_running_requests: int | None = None
     max_queued_requests: int = 1024
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int | None = None  # None: 8192 on CUDA, 2048 on CPU
     # Running requests decode inside prefill forwards (SGLang's mixed chunked prefill). On by
     # default, unlike SGLang: a long video's prompt spans many chunks, and prefill-only
     # forwards would stall every running stream for all of them.
@@ -43,7 +43,7 @@ class ServerArgs:
     enable_torch_compile: bool = False
     disable_radix_cache: bool = False
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 64
+    cuda_graph_max_bs: int = 256
     random_seed: int = 0
     allowed_local_media_path: str | None = None
     mm_processor_cache_mb: int = 4096  # decoded media kept by the frontend; 0 disables
@@ -64,7 +64,7 @@ class ServerArgs:
             raise NotImplementedError(
                 "--tp-size > 1 is not implemented yet: layers are TP-aware, multi-GPU launch is not"
             )
-        if self.chunked_prefill_size < 1:
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size < 1:
             raise ValueError("--chunked-prefill-size must be >= 1")
         if self.mm_processor_cache_mb < 0:
             raise ValueError("--mm-processor-cache-mb must be >= 0")
@@ -90,7 +90,8 @@ class ServerArgs:
         add("--max-total-tokens", type=int, default=None)
         add("--max-running-requests", type=int, default=None)
         add("--max-queued-requests", type=int, default=1024)
-        add("--chunked-prefill-size", type=int, default=2048)
+        add("--chunked-prefill-size", type=int, default=None,
+            help="most prompt tokens per forward (default: 8192 on CUDA, 2048 on CPU)")
         add("--enable-mixed-chunk", action="store_true", default=True,
             help="decode running requests in the same forward as prompt chunks (default)")
         add("--disable-mixed-chunk", dest="enable_mixed_chunk", action="store_false",
@@ -101,7 +102,7 @@ class ServerArgs:
         add("--enable-torch-compile", action="store_true")
         add("--disable-radix-cache", action="store_true")
         add("--disable-cuda-graph", action="store_true")
-        add("--cuda-graph-max-bs", type=int, default=64)
+        add("--cuda-graph-max-bs", type=int, default=256)
         add("--random-seed", type=int, default=0)
         add("--allowed-local-media-path", default=None)
         add("--mm-processor-cache-mb", type=int, default=4096,

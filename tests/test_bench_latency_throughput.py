@@ -83,3 +83,44 @@ def test_throughput_skip_hf_appends_results(tmp_path) -> None:
     assert result["output_tok_s"] > 0
     assert result["request_s"] == pytest.approx(5 / result["duration_s"], rel=0.01)
     assert second["cubeserve"]["output_tok_s"] > 0
+
+
+def test_latency_shapes_replace_the_product(tmp_path) -> None:
+    latency.main(
+        [
+            *ENGINE_FLAGS,
+            "--skip-hf",
+            "--shape", "1", "10", "3",
+            "--shape", "2", "6", "4",
+            "--repeats", "1",
+            "--save",
+            "--results-dir",
+            str(tmp_path),
+        ]
+    )  # fmt: skip
+    records = read_lines(tmp_path / "latency.jsonl")
+    assert [(r["batch_size"], r["input_len"], r["output_len"]) for r in records] == [
+        (1, 10, 3),
+        (2, 6, 4),
+    ]
+
+
+def test_throughput_runs_hf_on_the_first_requests_only(tmp_path) -> None:
+    throughput.main(
+        [
+            *ENGINE_FLAGS,
+            "--num-prompts", "6",
+            "--input-len-range", "4", "12",
+            "--output-len-range", "2", "5",
+            "--hf-num-prompts", "2",
+            "--hf-batch-size", "2",
+            "--save",
+            "--results-dir",
+            str(tmp_path),
+        ]
+    )  # fmt: skip
+    (record,) = read_lines(tmp_path / "throughput.jsonl")
+    assert record["num_prompts"] == 6 and record["hf_num_prompts"] == 2
+    hf, ours = record["hf"], record["cubeserve"]
+    assert hf["request_s"] == pytest.approx(2 / hf["duration_s"], rel=0.01)
+    assert ours["request_s"] == pytest.approx(6 / ours["duration_s"], rel=0.01)

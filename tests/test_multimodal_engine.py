@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from cubeserve.engine.engine import Engine
+from cubeserve.engine.io_struct import TokenizedGenerateReq
 from cubeserve.engine.model_runner import ModelRunner, load_model_config
 from cubeserve.engine.sampling_params import SamplingParams
 from cubeserve.multimodal.cache import ByteBoundedLRU
@@ -39,6 +40,7 @@ from cubeserve.multimodal.processors.quicksviewer import (
     IMAGE_PLACEHOLDER_ID,
     QuicksviewerProcessor,
 )
+from cubeserve.multimodal.transport import PixelFile, media_key
 from cubeserve.scheduler.request import Req
 from cubeserve.server_args import ServerArgs
 
@@ -522,3 +524,60 @@ def test_video_and_image_in_the_last_turn_only() -> None:
     pads = block_pad_ids(req)
     assert len(pads) == video_blocks + processed.media[1].num_views
     assert set(pads[:video_blocks]).isdisjoint(pads[video_blocks:])
+
+
+def sent_media(sent: list[Any]) -> list[Any]:
+    """Pixels (a PixelFile, or None when by reference) of each video request sent."""
+    return [
+        message.mm_inputs.media[0].pixels
+        for message in sent
+        if isinstance(message, TokenizedGenerateReq) and message.mm_inputs is not None
+    ]
+
+
+@pytest.fixture
+def sent_messages(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    manager = engine.tokenizer_manager
+    sent: list[Any] = []
+    send = manager._send
+
+    def recording(message: Any) -> None:
+        sent.append(message)
+        send(message)
+
+    monkeypatch.setattr(manager, "_send", recording)
+    return sent
+
+
+def test_repeat_video_travels_by_reference(engine, sent_messages) -> None:
+    flipped = [user(video(np.ascontiguousarray(FRAMES[:, ::-1]), TIMES), text="And this one?")]
+    first = engine.generate(messages=flipped, sampling_params=GREEDY)
+    again = engine.generate(messages=flipped, sampling_params=GREEDY)
+
+    by_file, by_reference = sent_media(sent_messages)
+    assert isinstance(by_file, PixelFile) and by_reference is None
+    assert not Path(by_file.path).exists()  # the engine read it and deleted it
+    assert again["output_ids"] == first["output_ids"]
+    assert again["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_media_the_engine_no_longer_holds_is_resent(engine, sent_messages) -> None:
+    """The frontend believes the engine holds a video it never saw (as after an eviction): the
+    engine answers ``media_not_cached`` and the frontend resends the pixels by file."""
+    swapped = [user(video(np.ascontiguousarray(FRAMES[..., ::-1]), TIMES), text="Colors?")]
+    manager = engine.tokenizer_manager
+    _, processed = manager.messages_processor(swapped)
+    manager._media._engine_has[media_key(processed.media[0])] = None
+    before = engine.get_stats()
+
+    result = engine.generate(messages=swapped, sampling_params=GREEDY)
+    again = engine.generate(messages=swapped, sampling_params=GREEDY)
+
+    by_reference, resent, by_reference_again = sent_media(sent_messages)
+    assert by_reference is None and isinstance(resent, PixelFile) and by_reference_again is None
+    stats = engine.get_stats()
+    assert stats.encoder_cache_queries - before.encoder_cache_queries == 3
+    assert stats.encoder_cache_hits - before.encoder_cache_hits == 1  # the last request
+    assert result["meta_info"]["finish_reason"]["type"] == "length"
+    assert len(result["output_ids"]) == GREEDY["max_new_tokens"]
+    assert again["output_ids"] == result["output_ids"]

@@ -17,7 +17,7 @@ from cubeserve.mem_cache.kv_pool import ReqToTokenPool
 from cubeserve.scheduler.request import Req
 from cubeserve.scheduler.schedule_batch import ScheduleBatch
 from cubeserve.scheduler.schedule_policy import SchedulePolicy
-from cubeserve.scheduler.scheduler import Scheduler
+from cubeserve.scheduler.scheduler import Scheduler, default_chunked_prefill_size
 from cubeserve.server_args import ServerArgs
 
 PROMPT_LENS = [5, 17, 33, 8, 40, 3, 25, 12]
@@ -541,3 +541,10 @@ def test_max_new_tokens_is_settled_against_the_context_length(checkpoint: Path) 
         finish = results[rid]["finish"]
         assert (finish["type"], finish["status_code"]) == ("abort", 400)
         assert message in finish["message"]
+
+
+def test_chunked_prefill_size_defaults_by_device(checkpoint: Path) -> None:
+    assert make_scheduler(checkpoint).chunked_prefill_size == 2048  # CPU
+    assert make_scheduler(checkpoint, chunked_prefill_size=24).chunked_prefill_size == 24
+    assert default_chunked_prefill_size(torch.device("cuda")) == 8192
+

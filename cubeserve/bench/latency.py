@@ -40,14 +40,18 @@ Generate = Callable[[list[list[int]], Sequence[int]], float]
 
 
 def measure_shape(
-    generate: Generate, shape: Shape, rng: random.Random, vocab: Sequence[int]
+    generate: Generate,
+    shape: Shape,
+    rng: random.Random,
+    vocab: Sequence[int],
+    repeats: int,
 ) -> dict[str, float]:
     batch_size, input_len, output_len = shape
 
     def timed(new_tokens: int) -> float:
-        # Best of three runs: the minimum is the least noisy estimate of the cost itself.
+        # Best of ``repeats`` runs: the minimum is the least noisy estimate of the cost itself.
         runs = []
-        for _ in range(3):
+        for _ in range(repeats):
             prompts = random_prompts(rng, [input_len] * batch_size, vocab)
             runs.append(generate(prompts, [new_tokens] * batch_size))
         return min(runs)
@@ -63,10 +67,15 @@ def measure_shape(
     }
 
 
-def run_all(generate: Generate, shapes: list[Shape], seed: int, vocab: Sequence[int]) -> list[dict]:
-    rng = random.Random(seed)
+def run_all(
+    generate: Generate,
+    shapes: list[Shape],
+    args: argparse.Namespace,
+    vocab: Sequence[int],
+) -> list[dict]:
+    rng = random.Random(args.seed)
     generate(random_prompts(rng, [8], vocab), [2])  # warm-up: compilation, allocators
-    return [measure_shape(generate, shape, rng, vocab) for shape in shapes]
+    return [measure_shape(generate, shape, rng, vocab, args.repeats) for shape in shapes]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,9 +86,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
     parser.add_argument("--output-len", type=int, nargs="+", default=[16])
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        action="append",
+        metavar=("BS", "IN", "OUT"),
+        help="measure exactly these shapes (repeatable) instead of the product of the lists",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (best kept)")
     args = parser.parse_args(argv)
     server_args = ServerArgs.from_cli_args(args)
-    shapes = list(itertools.product(args.batch_size, args.input_len, args.output_len))
+    shapes = (
+        [tuple(shape) for shape in args.shape]
+        if args.shape
+        else list(itertools.product(args.batch_size, args.input_len, args.output_len))
+    )
     config = bench_model_config(server_args)
     vocab = range(config.get_text_config().vocab_size)
 
@@ -87,12 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     hf_results: list[dict | None] = [None] * len(shapes)
     if not args.skip_hf:
         hf = HFModel(server_args, config)
-        hf_results = run_all(lambda p, n: hf.generate(p, n[0])[0], shapes, args.seed, vocab)
+        hf_results = run_all(lambda p, n: hf.generate(p, n[0])[0], shapes, args, vocab)
         hf.close()
     with cubeserve.Engine.from_server_args(server_args) as engine:
-        results = run_all(
-            lambda p, n: cubeserve_generate(engine, p, n)[0], shapes, args.seed, vocab
-        )
+        results = run_all(lambda p, n: cubeserve_generate(engine, p, n)[0], shapes, args, vocab)
 
     env = environment()
     for (batch_size, input_len, output_len), ours, theirs in zip(shapes, results, hf_results):

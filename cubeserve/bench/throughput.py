@@ -69,12 +69,27 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument(
-        "--input-len-range", type=int, nargs=2, default=[128, 512], metavar=("MIN", "MAX")
+        "--input-len-range",
+        type=int,
+        nargs=2,
+        default=[128, 512],
+        metavar=("MIN", "MAX"),
     )
     parser.add_argument(
-        "--output-len-range", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX")
+        "--output-len-range",
+        type=int,
+        nargs=2,
+        default=[32, 128],
+        metavar=("MIN", "MAX"),
     )
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="run HF on only the first N requests (its static batches run at one speed whatever "
+        "their number; default: all of them)",
+    )
     args = parser.parse_args(argv)
     server_args = ServerArgs.from_cli_args(args)
     config = bench_model_config(server_args)
@@ -87,9 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_hf:
         hf = HFModel(server_args, config)
         hf.generate(warmup_prompts, 2)
-        hf_result = summarize(
-            hf_static_batches(hf, prompts, output_lens, args.hf_batch_size), prompts, output_lens
+        hf_prompts, hf_output_lens = (
+            prompts[: args.hf_num_prompts],
+            output_lens[: args.hf_num_prompts],
         )
+        hf_seconds = hf_static_batches(hf, hf_prompts, hf_output_lens, args.hf_batch_size)
+        hf_result = summarize(hf_seconds, hf_prompts, hf_output_lens)
         hf.close()
     with cubeserve.Engine.from_server_args(server_args) as engine:
         cubeserve_generate(engine, warmup_prompts, [2, 2])
@@ -106,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             "input_len_range": args.input_len_range,
             "output_len_range": args.output_len_range,
             "hf_batch_size": None if args.skip_hf else args.hf_batch_size,
+            "hf_num_prompts": None if args.skip_hf else len(prompts[: args.hf_num_prompts]),
             "cubeserve": ours,
             "hf": hf_result,
             "speedup_vs_hf": None

@@ -55,6 +55,7 @@ from cubeserve.engine.ipc import EngineAddresses, EngineProcess, bind
 from cubeserve.engine.sampling_params import SamplingParams
 from cubeserve.engine.tokenizer import load_tokenizer
 from cubeserve.multimodal.processors import MessagesProcessor, create_messages_processor
+from cubeserve.multimodal.transport import MEDIA_NOT_CACHED, MediaSender
 from cubeserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class TokenizerManager:
         self._recv_task: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue[TokenOutput | BaseException]] = {}
         self._sample_rids: dict[str, list[str]] = {}  # request rid -> its samples' rids
+        self._media = MediaSender()
+        self._resends: set[asyncio.Task] = set()
         self._stats_waiters: deque[asyncio.Future[EngineStats]] = deque()
         self._flush_waiters: deque[asyncio.Future[bool]] = deque()
 
@@ -187,6 +190,7 @@ class TokenizerManager:
             self._engine = None
         self._fail_pending(EngineDeadError("the engine was shut down"))
         self._close_sockets()
+        self._media.close()
 
     @property
     def engine_pid(self) -> int:
@@ -216,9 +220,9 @@ class TokenizerManager:
         self._sample_rids[obj.rid] = list(states)
         for req in reqs:
             self._queues[req.rid] = queue
-            self._send(req)
         unfinished = len(states)
         try:
+            await self._send_generate(reqs)
             while unfinished:
                 out = await queue.get()
                 if isinstance(out, BaseException):
@@ -233,6 +237,7 @@ class TokenizerManager:
             for rid, state in states.items():
                 if self._queues.pop(rid, None) is not None and state.finish_reason is None:
                     self._send(AbortReq(rid))
+                self._media.release(rid)
             self._sample_rids.pop(obj.rid, None)
 
     def abort_request(self, rid: str) -> None:
@@ -341,6 +346,20 @@ class TokenizerManager:
         self._require_started()
         self._send_socket.send_pyobj(message)
 
+    async def _send_generate(self, reqs: list[TokenizedGenerateReq]) -> None:
+        """Send ``reqs`` with their media by file or by reference (``MediaSender``); pixel
+        files are written off the event loop."""
+        for req in reqs:
+            if req.mm_inputs is not None:
+                req = await asyncio.to_thread(self._media.wire_form, req)
+            self._send(req)
+
+    async def _resend_with_media(self, rid: str) -> None:
+        """The engine no longer holds the encodings ``rid`` referenced: send its pixels."""
+        req = await asyncio.to_thread(self._media.resend_form, rid)
+        if req is not None and rid in self._queues:
+            self._send(req)
+
     async def _control(self, request: Any, waiters: deque[asyncio.Future]) -> Any:
         self._check_engine_alive()
         future = asyncio.get_running_loop().create_future()
@@ -361,6 +380,12 @@ class TokenizerManager:
     def _dispatch(self, message: Any) -> None:
         if isinstance(message, BatchTokenOutput):
             for out in message.outputs:
+                if out.finish_reason is not None and out.finish_reason.get(MEDIA_NOT_CACHED):
+                    task = asyncio.create_task(self._resend_with_media(out.rid))
+                    self._resends.add(task)
+                    task.add_done_callback(self._resends.discard)
+                    continue
+                self._media.on_output(out.rid)
                 queue = self._queues.get(out.rid)
                 if queue is not None:  # else its consumer is gone
                     queue.put_nowait(out)

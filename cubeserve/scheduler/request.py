@@ -10,6 +10,7 @@ import torch
 
 from cubeserve.engine.sampling_params import SamplingParams
 from cubeserve.mem_cache.radix_cache import TreeNode
+from cubeserve.multimodal.transport import MEDIA_NOT_CACHED
 
 
 @dataclass
@@ -18,6 +19,9 @@ class FinishReason:
     matched: int | str | None = None  # the stop token id or stop string
     message: str | None = None  # why an abort happened
     status_code: int | None = None  # HTTP status of an abort the client should see as an error
+    # The request named media by reference that the encoder cache no longer holds; the
+    # frontend resends it with pixels (``cubeserve.multimodal.transport``).
+    media_not_cached: bool = False
 
     @classmethod
     def rejected(cls, message: str, status_code: int = HTTPStatus.BAD_REQUEST) -> FinishReason:
@@ -30,6 +34,8 @@ class FinishReason:
             reason["message"] = self.message
         if self.status_code is not None:
             reason["status_code"] = self.status_code
+        if self.media_not_cached:
+            reason[MEDIA_NOT_CACHED] = True
         return reason
 
 

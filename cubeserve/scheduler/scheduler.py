@@ -48,6 +48,7 @@ from cubeserve.engine.sampler import SampleOutput, make_generator
 from cubeserve.engine.tokenizer import get_eos_token_ids, load_tokenizer
 from cubeserve.mem_cache.radix_cache import RadixCache
 from cubeserve.multimodal.encode_stage import create_encode_stage
+from cubeserve.multimodal.transport import MediaNotCachedError
 from cubeserve.scheduler.request import FinishReason, Req
 from cubeserve.scheduler.schedule_batch import ScheduleBatch
 from cubeserve.scheduler.schedule_policy import (
@@ -78,7 +79,9 @@ class Scheduler:
         self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
         self.reservation = DecodeReservation()
-        self.chunked_prefill_size = server_args.chunked_prefill_size
+        self.chunked_prefill_size = server_args.chunked_prefill_size or default_chunked_prefill_size(
+            model_runner.device
+        )
         self.enable_mixed_chunk = server_args.enable_mixed_chunk
         self.max_queued_requests = server_args.max_queued_requests
         self.mm_encoder = create_encode_stage(model_runner.model)
@@ -145,6 +148,10 @@ class Scheduler:
                 )
             try:
                 self.mm_encoder(req)
+            except MediaNotCachedError as err:
+                return FinishReason(
+                    "abort", message=str(err), status_code=HTTPStatus.CONFLICT, media_not_cached=True
+                )
             except Exception as err:  # bad media must fail its request, not the engine
                 logger.exception("multimodal encoding failed for request %s", req.rid)
                 return FinishReason.rejected(f"multimodal input error: {err}")
@@ -476,6 +483,11 @@ def run_scheduler_process(
     ready_conn.send(_engine_info(server_args, scheduler))
     ready_conn.close()
     scheduler.event_loop(recv_socket, send_socket)
+
+
+def default_chunked_prefill_size(device: torch.device) -> int:
+    """SGLang's choice for large GPUs; on CPU a smaller chunk keeps streams' latency low."""
+    return 8192 if device.type == "cuda" else 2048
 
 
 def build_scheduler(server_args: ServerArgs) -> Scheduler:

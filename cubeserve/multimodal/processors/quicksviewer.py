@@ -97,6 +97,7 @@ from cubeserve.multimodal.media import (
     resolve_media_source,
     to_pil_image,
 )
+from cubeserve.multimodal.transport import MediaNotCachedError, PixelFile
 from cubeserve.multimodal.video import (
     VideoFrames,
     frames_content_hash,
@@ -240,7 +241,9 @@ def _image_size(preprocessor_config: dict) -> int:
 @dataclass
 class MediaItem:
     kind: MediaKind
-    pixels: np.ndarray  # (frames or views, S, S, 3) uint8 RGB, resized
+    # (frames or views, S, S, 3) uint8 RGB, resized. On the way to the engine: a PixelFile, or
+    # None when sent by reference (``cubeserve.multimodal.transport``).
+    pixels: np.ndarray | PixelFile | None
     content_hash: int
     image_sizes: list[tuple[int, int]]  # (W, H): one per frame (video) / one (image)
     num_views: int
@@ -258,7 +261,12 @@ class MediaItem:
     def pixel_values_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``pixel_values`` on ``device`` in ``dtype``: the uint8 pixels cross to the device (a
         quarter of float32's bytes) and are normalised there, with the same float32 values."""
-        uint8_pixels = torch.from_numpy(self.pixels).to(device)
+        pixels = self.pixels
+        if pixels is None:
+            raise MediaNotCachedError(f"{self.kind} {self.content_hash:x} was sent by reference")
+        if isinstance(pixels, PixelFile):
+            pixels = pixels.read_once()
+        uint8_pixels = torch.from_numpy(pixels).to(device)
         return normalize_pixels(uint8_pixels, self.normalization, dtype)
 
     @property
