@@ -61,9 +61,9 @@ def test_resend_after_a_miss_sends_the_pixels_again() -> None:
     resent = sender.resend_form("b")
     assert isinstance(resent.mm_inputs.media[0].pixels, PixelFile)
     assert sender.resend_form("b") is None  # one resend per miss
-    # The engine answered with tokens: nothing is kept for a resend.
+    # The request is over: nothing is kept for a resend.
     sender.wire_form(request("c", item))
-    sender.on_output("c")
+    sender.release("c")
     assert sender.resend_form("c") is None
     sender.close()
 

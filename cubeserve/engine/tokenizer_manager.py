@@ -385,7 +385,6 @@ class TokenizerManager:
                     self._resends.add(task)
                     task.add_done_callback(self._resends.discard)
                     continue
-                self._media.on_output(out.rid)
                 queue = self._queues.get(out.rid)
                 if queue is not None:  # else its consumer is gone
                     queue.put_nowait(out)

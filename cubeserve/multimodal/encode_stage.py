@@ -24,16 +24,12 @@ from cubeserve.multimodal.processors.quicksviewer import (
     MediaItem,
     ProcessedRequest,
 )
+from cubeserve.multimodal.transport import MediaKey, media_key
 from cubeserve.scheduler.request import Req
 
 # Pad ids are vocab_size + a 62-bit value: below 2**63, so they fit the int64 token tensors.
 _PAD_ID_BITS = 62
 DEFAULT_ENCODER_CACHE_BYTES = 2 << 30
-
-# (kind, content hash). The hash covers the exact pixels the encoder sees (after frame sampling
-# and resizing), so request options that change them (fps, max_frames) give another key, and
-# options that do not (timestamps: prompt text, not encoder input) rightly share the entry.
-EncoderCacheKey = tuple[str, int]
 
 
 @dataclass
@@ -86,7 +82,7 @@ class MultimodalEncodeStage:
         self.num_queries = model.config.num_queries
         param = next(model.vision.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cache: ByteBoundedLRU[EncoderCacheKey, EncodedMedia] = ByteBoundedLRU(
+        self.cache: ByteBoundedLRU[MediaKey, EncodedMedia] = ByteBoundedLRU(
             cache_bytes, lambda entry: entry.nbytes
         )
 
@@ -110,7 +106,7 @@ class MultimodalEncodeStage:
         req.mm_inputs = None  # pixels are no longer needed
 
     def _encode(self, item: MediaItem) -> EncodedMedia:
-        key = (item.kind, item.content_hash)
+        key = media_key(item)
         cached = self.cache.get(key)
         if cached is not None:
             return cached

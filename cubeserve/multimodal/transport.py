@@ -62,8 +62,14 @@ class PixelFile:
         return pixels.reshape(self.shape)
 
 
-def media_key(item: Any) -> tuple[str, int]:
-    """The engine's encoder-cache key of a media item: (kind, content hash)."""
+# (kind, content hash): the engine's encoder-cache key. The hash covers the exact pixels the
+# encoder sees (after frame sampling and resizing), so request options that change them (fps,
+# max_frames) give another key, and options that do not (timestamps: prompt text, not encoder
+# input) rightly share the entry.
+MediaKey = tuple[str, int]
+
+
+def media_key(item: Any) -> MediaKey:
     return item.kind, item.content_hash
 
 
@@ -77,7 +83,7 @@ class MediaSender:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._directory: Path | None = None  # made at the first pixel file
-        self._engine_has: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._engine_has: OrderedDict[MediaKey, None] = OrderedDict()
         self._files: dict[str, list[Path]] = {}  # rid -> its pixel files
         self._by_reference: dict[str, Any] = {}  # rid -> the full request, for a resend
 
@@ -112,11 +118,6 @@ class MediaSender:
             for item in req.mm_inputs.media:
                 self._engine_has.pop(media_key(item), None)
             return self._wire_form(req)
-
-    def on_output(self, rid: str) -> None:
-        """The engine produced output for ``rid``: its media are encoded (no resend needed)."""
-        with self._lock:
-            self._by_reference.pop(rid, None)
 
     def release(self, rid: str) -> None:
         """``rid`` is over: delete the pixel files the engine did not read."""
