@@ -38,6 +38,7 @@ class ServerArgs:
     # forwards would stall every running stream for all of them.
     enable_mixed_chunk: bool = True
     schedule_policy: str = "fcfs"
+    enable_overlap_schedule: bool | None = None  # None: on for CUDA, off on CPU
     attention_backend: str | None = None
     tp_size: int = 1
     enable_torch_compile: bool = False
@@ -47,6 +48,9 @@ class ServerArgs:
     random_seed: int = 0
     allowed_local_media_path: str | None = None
     mm_processor_cache_mb: int = 4096  # decoded media kept by the frontend; 0 disables
+    # Vision encodings kept by the engine on the model's device, within --mem-fraction-static
+    # (the KV pool gets that much less); 0 disables, and media then always travel as pixels.
+    mm_encoder_cache_mb: int = 2048
     max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
 
@@ -68,6 +72,8 @@ class ServerArgs:
             raise ValueError("--chunked-prefill-size must be >= 1")
         if self.mm_processor_cache_mb < 0:
             raise ValueError("--mm-processor-cache-mb must be >= 0")
+        if self.mm_encoder_cache_mb < 0:
+            raise ValueError("--mm-encoder-cache-mb must be >= 0")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
 
@@ -97,6 +103,11 @@ class ServerArgs:
         add("--disable-mixed-chunk", dest="enable_mixed_chunk", action="store_false",
             help="prefill-only forwards: running requests wait while prompts are prefilled")
         add("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES)
+        add("--enable-overlap-schedule", action="store_true", default=None,
+            help="launch each forward before processing the previous one's tokens "
+            "(default on CUDA)")
+        add("--disable-overlap-schedule", dest="enable_overlap_schedule", action="store_false",
+            help="process each forward's tokens before scheduling the next (default on CPU)")
         add("--attention-backend", default=None, help="torch or triton (default: triton on CUDA)")
         add("--tp-size", "--tp", dest="tp_size", type=int, default=1)
         add("--enable-torch-compile", action="store_true")
@@ -107,6 +118,9 @@ class ServerArgs:
         add("--allowed-local-media-path", default=None)
         add("--mm-processor-cache-mb", type=int, default=4096,
             help="decoded videos/images kept for repeat requests (MiB); 0 disables")
+        add("--mm-encoder-cache-mb", type=int, default=2048,
+            help="vision encodings kept on the GPU for repeat requests (MiB, taken from "
+            "--mem-fraction-static's share); 0 disables")
         add("--max-request-bytes", type=int, default=64 * 1024 * 1024)
         add("--log-level", default="info")
 

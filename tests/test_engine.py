@@ -82,9 +82,14 @@ def test_chunked_batch_matches_transformers(engine_for, tiny_checkpoint, family:
         assert meta["finish_reason"] == {"type": "length", "matched": None}
 
 
-def test_tiny_pool_finishes_every_request_correctly(engine_for, tiny_checkpoint) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_tiny_pool_finishes_every_request_correctly(
+    engine_for, tiny_checkpoint, overlap: bool
+) -> None:
     # The longest request (66 + 32 tokens) just fits, the batch needs far more.
-    engine = engine_for("qwen2", max_total_tokens=100, chunked_prefill_size=16)
+    engine = engine_for(
+        "qwen2", max_total_tokens=100, chunked_prefill_size=16, enable_overlap_schedule=overlap
+    )
     assert engine.get_stats().kv_pool_capacity_tokens == 100
     prompts = token_prompts(PROMPT_LENS)
     results = engine.generate(input_ids=prompts, sampling_params=GREEDY)
@@ -137,8 +142,9 @@ def test_stop_string_never_reaches_the_text(engine_for) -> None:
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
 
 
-def test_closing_a_stream_aborts_and_frees_the_pool(engine_for) -> None:
-    engine = engine_for("qwen2")
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_closing_a_stream_aborts_and_frees_the_pool(engine_for, overlap: bool) -> None:
+    engine = engine_for("qwen2", enable_overlap_schedule=overlap)
     stream = engine.generate(
         input_ids=token_prompts([20], seed=3)[0],
         sampling_params={"max_new_tokens": 400, "ignore_eos": True},
@@ -223,6 +229,65 @@ def test_invalid_requests_raise_value_error(engine_for, kwargs: dict, message: s
     with pytest.raises(ValueError, match=message):
         engine.generate(**kwargs)
     assert engine.get_stats().num_waiting_reqs == 0
+
+
+def assert_rejected(result: dict, message: str) -> None:
+    """``result`` is a request refused before it ran, as the engine reports one."""
+    reason = result["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["status_code"] == 400
+    assert message in reason["message"]
+    assert result["text"] == "" and result["output_ids"] == []
+    assert result["meta_info"]["completion_tokens"] == 0
+
+
+def test_invalid_requests_in_a_list_fail_alone(engine_for) -> None:
+    engine = engine_for("qwen2")
+    params = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    expected = engine.generate(["Hi", "Hello"], params)
+    results = engine.generate(
+        ["Hi", "Hi", "Hi", "Hello"],
+        [params, {"temperature": -1.0}, {**params, "n": 2, "max_new_tokens": 600}, params],
+        return_logprob=True,
+    )
+    assert len(results) == 5  # the rejected n=2 request keeps its two places
+    assert results[0]["output_ids"] == expected[0]["output_ids"]
+    assert_rejected(results[1], "temperature")
+    assert_rejected(results[2], "max_new_tokens")
+    assert_rejected(results[3], "max_new_tokens")
+    assert results[1]["meta_info"]["output_token_logprobs"] == []
+    assert results[4]["output_ids"] == expected[1]["output_ids"]
+    assert results[4]["meta_info"]["finish_reason"]["type"] == "length"
+    # A list of one is a list: its error is a result too. A single request still raises.
+    (only,) = engine.generate(input_ids=[[1, 100_000]])
+    assert_rejected(only, "input_ids")
+    with pytest.raises(ValueError, match="input_ids"):
+        engine.generate(input_ids=[1, 100_000])
+    assert engine.get_stats().num_waiting_reqs == 0
+
+
+def test_invalid_request_in_a_streamed_or_async_list(engine_for) -> None:
+    engine = engine_for("qwen2")
+    params = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    bad_messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    good_messages = [{"role": "user", "content": "Hello"}]
+    expected = engine.generate(messages=good_messages, sampling_params=params)
+
+    chunks = list(
+        engine.generate(messages=[bad_messages, good_messages], sampling_params=params, stream=True)
+    )
+    (rejected,) = [c for c in chunks if c["index"] == 0]
+    assert_rejected(rejected, "text content only")
+    assert rejected["delta"] == ""
+    assert [c for c in chunks if c["index"] == 1][-1]["text"] == expected["text"]
+
+    async def run() -> list[dict]:
+        return await engine.async_generate(
+            messages=[good_messages, bad_messages], sampling_params=params
+        )
+
+    good, bad = asyncio.run(run())
+    assert good["output_ids"] == expected["output_ids"]
+    assert_rejected(bad, "text content only")
 
 
 def test_startup_errors_are_raised_in_the_caller(tiny_checkpoint, tmp_path: Path) -> None:

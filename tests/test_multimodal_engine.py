@@ -42,6 +42,7 @@ from cubeserve.multimodal.processors.quicksviewer import (
 )
 from cubeserve.multimodal.transport import PixelFile, media_key
 from cubeserve.scheduler.request import Req
+from cubeserve.scheduler.scheduler import build_scheduler
 from cubeserve.server_args import ServerArgs
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
@@ -320,6 +321,23 @@ def test_undecodable_media_fails_only_its_request(engine, reference) -> None:
     assert_same_output(text_result, reference["text"])
 
 
+def test_undecodable_image_in_a_list_fails_only_its_request(engine, reference) -> None:
+    broken_image = {"type": "image_url", "image_url": {"url": data_url(b"junk", "image/png")}}
+    broken = [user(broken_image, text="What is this?")]
+    video_result, error, text_result = engine.generate(
+        messages=[CONVERSATIONS["video"], broken, CONVERSATIONS["text"]],
+        sampling_params=GREEDY,
+        top_logprobs_num=TOP_K,
+    )
+    reason = error["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["status_code"] == 400
+    assert "image" in reason["message"] and error["output_ids"] == []
+    assert_same_output(video_result, reference["video"])
+    assert_same_output(text_result, reference["text"])
+    with pytest.raises(MediaError):  # alone, it raises
+        engine.generate(messages=broken, sampling_params=GREEDY)
+
+
 def test_media_too_long_for_the_context_aborts_only_its_request(chunked_results) -> None:
     ids = processor().process(TOO_LONG_ONCE_ENCODED).input_ids
     assert len(ids) + GREEDY["max_new_tokens"] < SHORT_CONTEXT  # the frontend lets it through
@@ -499,12 +517,19 @@ def test_two_videos_in_one_request_get_disjoint_pad_ids() -> None:
     assert min(pads) >= encode_stage().vocab_size
 
 
-def test_one_video_shown_twice_in_a_request_is_encoded_once() -> None:
+def test_one_video_shown_twice_in_a_request_is_encoded_once(monkeypatch) -> None:
     flipped = np.ascontiguousarray(G_FRAMES[:, ::-1])
     stage = encode_stage()
-    hits, queries = stage.cache.hits, stage.cache.queries
+    tower = stage.model.vision.tower_features
+    encoded_views: list[int] = []
+
+    def counting_tower(pixels: torch.Tensor) -> torch.Tensor:
+        encoded_views.append(pixels.shape[0])
+        return tower(pixels)
+
+    monkeypatch.setattr(stage.model.vision, "tower_features", counting_tower)
     req = encode([user(video(flipped, G_TIMES), video(flipped, G_TIMES), text="Twice?")])
-    assert (stage.cache.hits - hits, stage.cache.queries - queries) == (1, 2)
+    assert encoded_views == [len(G_FRAMES)]
     pads = block_pad_ids(req)
     half = len(pads) // 2
     assert pads[:half] == pads[half:]
@@ -535,8 +560,7 @@ def sent_media(sent: list[Any]) -> list[Any]:
     ]
 
 
-@pytest.fixture
-def sent_messages(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+def record_sent(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     manager = engine.tokenizer_manager
     sent: list[Any] = []
     send = manager._send
@@ -547,6 +571,11 @@ def sent_messages(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(manager, "_send", recording)
     return sent
+
+
+@pytest.fixture
+def sent_messages(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    return record_sent(engine, monkeypatch)
 
 
 def test_repeat_video_travels_by_reference(engine, sent_messages) -> None:
@@ -581,3 +610,122 @@ def test_media_the_engine_no_longer_holds_is_resent(engine, sent_messages) -> No
     assert result["meta_info"]["finish_reason"]["type"] == "length"
     assert len(result["output_ids"]) == GREEDY["max_new_tokens"]
     assert again["output_ids"] == result["output_ids"]
+
+
+def test_same_new_video_sent_concurrently_is_written_once(engine, sent_messages) -> None:
+    """Two requests with one new video at once: one carries the pixels, the other refers to
+    them and is sent after it; the engine encodes once (the second request takes the
+    encoding from the cache when the first has made it) and nothing is resent."""
+    upside_down = [user(video(np.ascontiguousarray(FRAMES[:, ::-1, ::-1]), TIMES), text="Hm?")]
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(
+            *(engine.async_generate(messages=upside_down, sampling_params=GREEDY) for _ in "12")
+        )
+
+    before = engine.get_stats()
+    first, second = asyncio.run(run())
+    after = engine.get_stats()
+    by_file, by_reference = sent_media(sent_messages)  # in the order they were sent
+    assert isinstance(by_file, PixelFile) and by_reference is None
+    # A lookup per arrival, and one more by the second if it arrived while the first encoded.
+    assert after.encoder_cache_queries - before.encoder_cache_queries in (2, 3)
+    assert after.encoder_cache_hits - before.encoder_cache_hits == 1
+    assert first["output_ids"] == second["output_ids"]
+    assert first["meta_info"]["finish_reason"]["type"] == "length"
+
+
+# --------------------------------------------------------------------------- encoder cache size
+
+
+def encode_with(stage: MultimodalEncodeStage, conversation: list[dict]) -> Req:
+    processed = processor().process(conversation)
+    req = Req("r", list(processed.input_ids), SamplingParams(), mm_inputs=processed)
+    stage(req)
+    return req
+
+
+def test_encoder_cache_evicts_at_its_set_size() -> None:
+    model = encode_stage().model
+    videos = [
+        [user(video(frames, TIMES), text="Which one?")]
+        for frames in (255 - FRAMES, np.ascontiguousarray(FRAMES[::-1]), FRAMES[:, ::-1] // 2)
+    ]
+    keys = [media_key(processor().process(v).media[0]) for v in videos]
+    sizing = create_encode_stage(model, cache_bytes=1 << 30)
+    sizes = []
+    for conversation, key in zip(videos, keys, strict=True):
+        encode_with(sizing, conversation)
+        sizes.append(sizing.cache.get(key).nbytes)
+
+    capacity = sizes[0] + sizes[1]  # room for the first two only
+    stage = create_encode_stage(model, cache_bytes=capacity)
+    for conversation in videos[:2]:
+        encode_with(stage, conversation)
+    assert len(stage.cache) == 2 and stage.cache.used_bytes == capacity
+    encode_with(stage, videos[2])  # evicts the least recently used: the first
+    assert stage.cache.used_bytes <= capacity
+    assert stage.cache.get(keys[0]) is None and stage.cache.get(keys[2]) is not None
+
+
+def test_encoder_cache_of_zero_bytes_encodes_every_time() -> None:
+    stage = create_encode_stage(encode_stage().model, cache_bytes=0)
+    conversation = [user(video(FRAMES, TIMES), text="Again?")]
+    first, again = (encode_with(stage, conversation) for _ in "12")
+    assert len(stage.cache) == 0 and stage.cache.hits == 0 and stage.cache.queries == 2
+    assert torch.equal(first.mm_embeds, again.mm_embeds)
+
+
+def test_the_scheduler_sizes_its_encoder_cache_by_the_flag() -> None:
+    args = ServerArgs(model_path=str(MODEL), mm_encoder_cache_mb=3, **ENGINE_ARGS)
+    scheduler = build_scheduler(args)
+    assert scheduler.mm_encoder.cache.capacity_bytes == 3 << 20
+    assert create_encode_stage(scheduler.runner.model, cache_bytes=0).cache.capacity_bytes == 0
+    assert create_encode_stage(torch.nn.Linear(2, 2)) is None  # text-only: no stage
+
+
+@pytest.fixture(scope="module")
+def uncached_engine() -> Iterator[Engine]:
+    with Engine(str(MODEL), mm_encoder_cache_mb=0, **ENGINE_ARGS) as engine:
+        yield engine
+
+
+def test_without_an_encoder_cache_a_repeated_video_is_sent_and_encoded_again(
+    uncached_engine, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = record_sent(uncached_engine, monkeypatch)
+    before = uncached_engine.get_stats()
+    first, again = (generate(uncached_engine, ["video"])[0] for _ in "12")
+    after = uncached_engine.get_stats()
+
+    assert all(isinstance(pixels, PixelFile) for pixels in sent_media(sent))
+    assert len(sent_media(sent)) == 2  # no reference, so no miss and no resend
+    assert after.encoder_cache_queries - before.encoder_cache_queries == 2
+    assert after.encoder_cache_hits == before.encoder_cache_hits
+    assert_same_output(first, reference["video"])
+    assert_same_output(again, reference["video"])
+
+
+def test_a_request_whose_pixels_are_gone_fails_instead_of_looping(
+    uncached_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine finds no pixel file (nothing to resend: the request referenced nothing): the
+    request ends with the engine's error rather than being resent forever or hanging."""
+    sent = record_sent(uncached_engine, monkeypatch)
+    media = uncached_engine.tokenizer_manager._media
+    wire_form = media.wire_form
+
+    def losing_files(req: Any) -> Any:
+        wire = wire_form(req)
+        for item in wire.mm_inputs.media:
+            Path(item.pixels.path).unlink()
+        return wire
+
+    monkeypatch.setattr(media, "wire_form", losing_files)
+    conversation = [user(video(FRAMES, TIMES), text="Still there?")]
+    coroutine = uncached_engine.async_generate(messages=conversation, sampling_params=GREEDY)
+    result = asyncio.run(asyncio.wait_for(coroutine, timeout=120))
+
+    reason = result["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and "gone" in reason["message"]
+    assert result["output_ids"] == [] and len(sent_media(sent)) == 1

@@ -4,6 +4,7 @@ stop conditions, policies and multimodal rows, on a tiny random Qwen2 checkpoint
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from cubeserve.engine.model_runner import ModelRunner, load_model_config
 from cubeserve.engine.sampling_params import SamplingParams
 from cubeserve.mem_cache.kv_pool import ReqToTokenPool
 from cubeserve.scheduler.request import Req
-from cubeserve.scheduler.schedule_batch import ScheduleBatch
+from cubeserve.scheduler.schedule_batch import InflightBatch, ScheduleBatch
 from cubeserve.scheduler.schedule_policy import SchedulePolicy
 from cubeserve.scheduler.scheduler import Scheduler, default_chunked_prefill_size
 from cubeserve.server_args import ServerArgs
@@ -324,13 +325,34 @@ class TokenEmbeddingEncoder:
         self.vocab_size = vocab_size
         self.span = span
 
-    def __call__(self, req: Req) -> None:
+    def start(self, req: Req) -> TokenEmbeddingJob:
+        return TokenEmbeddingJob(self, req)
+
+    def encode(self, req: Req) -> None:
         media_ids = torch.tensor(req.mm_inputs, device=self.embed.weight.device)
         req.origin_input_ids[self.span] = [self.vocab_size + t for t in req.mm_inputs]
         req.mm_mask = torch.zeros(len(req.origin_input_ids), dtype=torch.bool)
         req.mm_mask[self.span] = True
         with torch.no_grad():
             req.mm_embeds = self.embed(media_ids)
+
+
+@dataclass
+class TokenEmbeddingJob:
+    """``EncodeJob``'s interface: no tower work, all encoding in ``finish``."""
+
+    encoder: TokenEmbeddingEncoder
+    req: Req
+    done: bool = True
+
+    def encode_next_batch(self) -> None:
+        pass
+
+    def encode_rest(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.encoder.encode(self.req)
 
 
 def test_media_embeddings_replace_token_embeddings_across_chunks(checkpoint: Path) -> None:
@@ -382,13 +404,13 @@ def test_decode_batches_carry_every_running_request(checkpoint: Path) -> None:
 def record_batches(scheduler: Scheduler) -> list[ScheduleBatch]:
     """Every batch the scheduler runs from now on, in order."""
     batches: list[ScheduleBatch] = []
-    run_batch = scheduler._run_batch
+    launch = scheduler._launch
 
-    def recording(batch: ScheduleBatch) -> None:
+    def recording(batch: ScheduleBatch) -> InflightBatch | None:
         batches.append(batch)
-        run_batch(batch)
+        return launch(batch)
 
-    scheduler._run_batch = recording
+    scheduler._launch = recording
     return batches
 
 
@@ -456,6 +478,45 @@ def test_running_requests_advance_one_token_per_prompt_chunk_only_when_mixed(
     assert_pool_empty_after_flush(scheduler)
 
 
+ARRIVALS = [0, 0, 3, 5, 9, 10, 14, 20]  # the step each PROMPT_LENS prompt arrives at
+
+
+def run_staggered(
+    scheduler: Scheduler, special: dict[str, SamplingParams], arrivals: list[int] = ARRIVALS
+) -> dict[str, dict]:
+    """PROMPT_LENS prompts arriving at the steps ``arrivals`` lists; request "1" asks for
+    logprobs, even ones stream. Leaves the scheduler idle and its pool empty."""
+    results: dict[str, dict] = {}
+    pending = list(enumerate(zip(arrivals, prompts(PROMPT_LENS))))
+    for step in range(10_000):
+        if not pending and not scheduler.has_work:
+            break
+        while pending and pending[0][1][0] <= step:
+            i, (_, ids) = pending.pop(0)
+            submit(
+                scheduler,
+                ids,
+                str(i),
+                special.get(str(i)),
+                stream=i % 2 == 0,
+                return_logprob=i == 1,
+                top_logprobs_num=2 if i == 1 else 0,
+            )
+        collect(scheduler.step(), results)
+    assert_pool_empty_after_flush(scheduler)
+    return results
+
+
+def assert_same_results(ours: dict[str, dict], theirs: dict[str, dict]) -> None:
+    assert ours.keys() == theirs.keys()
+    for rid in ours:
+        assert ours[rid]["ids"] == theirs[rid]["ids"], rid
+        assert ours[rid]["finish"] == theirs[rid]["finish"], rid
+        torch.testing.assert_close(ours[rid]["logprobs"], theirs[rid]["logprobs"], atol=1e-5, rtol=0)
+        for mine, other in zip(ours[rid]["top_logprobs"], theirs[rid]["top_logprobs"]):
+            assert [t for t, _ in mine] == [t for t, _ in other]
+
+
 def test_mixed_scheduling_matches_prefill_only_scheduling_with_staggered_arrivals(
     checkpoint: Path, tokenizer, reference: list[list[int]]
 ) -> None:
@@ -467,32 +528,13 @@ def test_mixed_scheduling_matches_prefill_only_scheduling_with_staggered_arrival
         "4": greedy(stop_token_ids=[reference[4][9]]),
         "6": greedy(stop=["e"]),
     }
-    arrivals = [0, 0, 3, 5, 9, 10, 14, 20]  # the step each PROMPT_LENS prompt arrives at
 
     def run(mixed: bool) -> tuple[dict[str, dict], list[ScheduleBatch]]:
         scheduler = make_scheduler(
             checkpoint, tokenizer, chunked_prefill_size=16, enable_mixed_chunk=mixed
         )
         batches = record_batches(scheduler)
-        results: dict[str, dict] = {}
-        pending = list(enumerate(zip(arrivals, prompts(PROMPT_LENS))))
-        for step in range(10_000):
-            if not pending and not scheduler.has_work:
-                break
-            while pending and pending[0][1][0] <= step:
-                i, (_, ids) = pending.pop(0)
-                submit(
-                    scheduler,
-                    ids,
-                    str(i),
-                    special.get(str(i)),
-                    stream=i % 2 == 0,
-                    return_logprob=i == 1,
-                    top_logprobs_num=2 if i == 1 else 0,
-                )
-            collect(scheduler.step(), results)
-        assert_pool_empty_after_flush(scheduler)
-        return results, batches
+        return run_staggered(scheduler, special), batches
 
     mixed, mixed_batches = run(mixed=True)
     prefill_only, prefill_only_batches = run(mixed=False)
@@ -500,18 +542,100 @@ def test_mixed_scheduling_matches_prefill_only_scheduling_with_staggered_arrival
     assert not any(map(is_mixed, prefill_only_batches))
     assert max(batch.num_new_tokens for batch in mixed_batches) <= 16
 
+    assert_same_results(mixed, prefill_only)
     for rid in map(str, range(len(PROMPT_LENS))):
-        assert mixed[rid]["ids"] == prefill_only[rid]["ids"], rid
-        assert mixed[rid]["finish"] == prefill_only[rid]["finish"], rid
         if rid not in special:
             assert mixed[rid]["ids"] == reference[int(rid)]
     assert mixed["4"]["finish"]["type"] == mixed["6"]["finish"]["type"] == "stop"
     assert len(mixed["1"]["logprobs"]) == len(mixed["1"]["top_logprobs"]) == MAX_NEW_TOKENS
-    torch.testing.assert_close(
-        mixed["1"]["logprobs"], prefill_only["1"]["logprobs"], atol=1e-5, rtol=0
-    )
-    for ours, theirs in zip(mixed["1"]["top_logprobs"], prefill_only["1"]["top_logprobs"]):
-        assert [t for t, _ in ours] == [t for t, _ in theirs]
+
+
+# ---------------------------------------------------------------------------- overlap schedule
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"chunked_prefill_size": 16},
+        {"chunked_prefill_size": 16, "enable_mixed_chunk": False},
+        {"max_total_tokens": 72, "chunked_prefill_size": 16},
+    ],
+    ids=["default", "chunked-mixed", "chunked-prefill-only", "retracting"],
+)
+def test_overlap_schedule_matches_the_synchronous_schedule(
+    checkpoint: Path, tokenizer, reference: list[list[int]], config: dict
+) -> None:
+    """The overlap schedule launches forwards before the previous tokens reach the host; the
+    tokens, logprobs and finish reasons must not change, whatever stops a request."""
+    eos = reference[5][6]
+    special = {
+        "0": greedy(max_new_tokens=1),
+        "2": SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.9, top_k=20, seed=3),
+        "3": greedy(repetition_penalty=1.3, frequency_penalty=0.5),
+        "4": greedy(stop_token_ids=[reference[4][9]]),
+        "5": SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0),  # stops at eos
+        "6": greedy(stop=["e"]),
+    }
+
+    def run(overlap: bool) -> tuple[dict[str, dict], int]:
+        scheduler = make_scheduler(
+            checkpoint, tokenizer, [eos], enable_overlap_schedule=overlap, **config
+        )
+        launch = scheduler._launch
+        launches_reading_pending: list[ScheduleBatch] = []
+
+        def recording(batch: ScheduleBatch) -> InflightBatch | None:
+            if any(req.num_pending_tokens for req in batch.reqs):
+                launches_reading_pending.append(batch)
+            return launch(batch)
+
+        scheduler._launch = recording
+        if "max_total_tokens" in config:  # all at once, needing far more than the pool holds
+            kept = {rid: special[rid] for rid in ("0", "3", "4")}  # early stops would make room
+            results = run_staggered(scheduler, kept, [0] * len(PROMPT_LENS))
+            assert scheduler.num_retracted_reqs > 0
+        else:
+            results = run_staggered(scheduler, special)
+        return results, len(launches_reading_pending)
+
+    overlapped, num_overlapped = run(overlap=True)
+    synchronous, num_synchronous = run(overlap=False)
+    assert num_overlapped > 10 and num_synchronous == 0
+    assert_same_results(overlapped, synchronous)
+    assert overlapped["0"]["ids"] == reference[0][:1]
+    if "max_total_tokens" not in config:
+        assert overlapped["5"]["finish"] == {"type": "stop", "matched": eos}
+    assert overlapped["7"]["ids"] == reference[7]
+
+
+def test_abort_while_a_token_is_pending_frees_everything(
+    checkpoint: Path, reference: list[list[int]]
+) -> None:
+    scheduler = make_scheduler(checkpoint, enable_overlap_schedule=True)
+    doomed, kept = prompts(PROMPT_LENS)[:2]
+    submit(scheduler, doomed, "doomed")
+    submit(scheduler, kept, "kept")
+    results: dict[str, dict] = {}
+    for _ in range(4):
+        collect(scheduler.step(), results)
+    assert scheduler._inflight is not None
+    assert all(req.num_pending_tokens for req in scheduler.running)
+    scheduler.abort_request("doomed")
+    results.update(run_all(scheduler))
+    assert results["doomed"]["finish"]["type"] == "abort"
+    assert results["kept"]["ids"] == reference[1]
+    assert_pool_empty_after_flush(scheduler)
+
+
+def test_overlap_schedule_is_the_default_on_cuda_only(checkpoint: Path) -> None:
+    from cubeserve.scheduler.scheduler import use_overlap_schedule
+
+    auto = ServerArgs(model_path=str(checkpoint))
+    assert use_overlap_schedule(auto, torch.device("cuda"))
+    assert not use_overlap_schedule(auto, torch.device("cpu"))
+    off = ServerArgs(model_path=str(checkpoint), enable_overlap_schedule=False)
+    assert not use_overlap_schedule(off, torch.device("cuda"))
 
 
 def test_a_full_waiting_queue_rejects_with_503(checkpoint: Path) -> None:

@@ -18,6 +18,7 @@ from cubeserve.attention.base import AttentionBackend, register_attention_backen
 from cubeserve.attention.triton_kernels import decode_attention, extend_attention
 from cubeserve.engine.forward_batch import ForwardBatch
 from cubeserve.layers.attention import PagedAttention
+from cubeserve.utils import to_device
 
 MAX_KV_SPLITS = 64
 # The interpreter (CPU) runs programs one by one; a few chunks still exercise the merge.
@@ -77,7 +78,7 @@ class TritonAttentionBackend(AttentionBackend):
         extend_lens = batch.extend_seq_lens_cpu
         prefix_lens = [s - e for s, e in zip(batch.seq_lens_cpu, extend_lens)]
         starts = [0, *itertools.accumulate(extend_lens[:-1])]
-        table = torch.tensor([prefix_lens, extend_lens, starts], dtype=torch.int32, device=device)
+        table = to_device([prefix_lens, extend_lens, starts], torch.int32, device)
         batch.attn_metadata = ExtendMetadata(table[0], table[1], table[2], max(extend_lens))
 
     def forward(

@@ -20,7 +20,7 @@ from typing import Any, Self, TypeVar
 from transformers import PreTrainedTokenizerBase
 
 from cubeserve.engine.io_struct import EngineStats, GenerateReqInput
-from cubeserve.engine.tokenizer_manager import TokenizerManager
+from cubeserve.engine.tokenizer_manager import TokenizerManager, num_samples
 from cubeserve.server_args import ServerArgs
 
 T = TypeVar("T")
@@ -77,13 +77,22 @@ class Engine:
         a dict for a single request with ``n`` == 1, else a list. With ``stream`` an iterator
         of chunks (``TokenizerManager.generate_request``'s, ``index`` counting samples across
         the batch).
+
+        Invalid requests (bad sampling params, undecodable media, a prompt too long...): a
+        single request raises ``ValueError`` (``MediaError`` for media). In a list, each
+        invalid request instead gets its results (one per sample, at its place in the list)
+        with empty output and ``meta_info["finish_reason"]`` ``{"type": "abort", "message":
+        ..., "status_code": 400}``, and the others run: this is how the engine reports a
+        request it rejects (e.g. media too long for the context once encoded), so check each
+        result's finish reason. Errors that are not the request's fault (the engine died)
+        still raise.
         """
         objs, single = _make_requests(
             prompt, input_ids, messages, sampling_params, stream, return_logprob, top_logprobs_num
         )
         if stream:
-            return self._iterate(_stream_all(self.tokenizer_manager, objs))
-        results = self._call(_collect_all(self.tokenizer_manager, objs))
+            return self._iterate(_stream_all(self.tokenizer_manager, objs, not single))
+        results = self._call(_collect_all(self.tokenizer_manager, objs, not single))
         return results[0] if single and len(results) == 1 else results
 
     async def async_generate(
@@ -101,8 +110,8 @@ class Engine:
             prompt, input_ids, messages, sampling_params, stream, return_logprob, top_logprobs_num
         )
         if stream:
-            return self._aiterate(_stream_all(self.tokenizer_manager, objs))
-        results = await self._bridge(_collect_all(self.tokenizer_manager, objs))
+            return self._aiterate(_stream_all(self.tokenizer_manager, objs, not single))
+        results = await self._bridge(_collect_all(self.tokenizer_manager, objs, not single))
         return results[0] if single and len(results) == 1 else results
 
     # ------------------------------------------------------------------ control
@@ -199,7 +208,7 @@ def _make_requests(
     objs = [
         GenerateReqInput(
             **{field: item},
-            sampling_params=dict(params),
+            sampling_params=dict(params) if isinstance(params, dict) else params,
             stream=stream,
             return_logprob=return_logprob,
             top_logprobs_num=top_logprobs_num,
@@ -216,11 +225,11 @@ def _as_batch(value: Any, is_single: Any) -> tuple[list[Any], bool] | None:
 
 
 async def _collect_all(
-    manager: TokenizerManager, objs: list[GenerateReqInput]
+    manager: TokenizerManager, objs: list[GenerateReqInput], abort_invalid: bool
 ) -> list[dict[str, Any]]:
     """Final result of every sample of every request, in request then sample order."""
     finals: dict[int, Chunk] = {}
-    async for chunk in _stream_all(manager, objs):
+    async for chunk in _stream_all(manager, objs, abort_invalid):
         if chunk["meta_info"]["finish_reason"] is not None:
             finals[chunk["index"]] = chunk
     return [
@@ -230,18 +239,19 @@ async def _collect_all(
 
 
 async def _stream_all(
-    manager: TokenizerManager, objs: list[GenerateReqInput]
+    manager: TokenizerManager, objs: list[GenerateReqInput], abort_invalid: bool
 ) -> AsyncIterator[Chunk]:
-    """Chunks of all requests, interleaved as produced; ``index`` counts samples across them."""
+    """Chunks of all requests, interleaved as produced; ``index`` counts samples across them.
+    ``abort_invalid``: an invalid request finishes as aborted instead of raising."""
     offsets, total = [], 0
     for obj in objs:
         offsets.append(total)
-        total += obj.sampling_params.get("n", 1)
+        total += num_samples(obj)
     queue: asyncio.Queue[tuple[Chunk | None, BaseException | None]] = asyncio.Queue()
 
     async def pump(obj: GenerateReqInput, offset: int) -> None:
         try:
-            async for chunk in manager.generate_request(obj):
+            async for chunk in manager.generate_request(obj, abort_invalid=abort_invalid):
                 await queue.put(({**chunk, "index": offset + chunk["index"]}, None))
         except Exception as err:  # re-raised by the consumer; the other requests get aborted
             await queue.put((None, err))

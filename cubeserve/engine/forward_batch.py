@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cubeserve.utils import to_device
+
 if TYPE_CHECKING:
     from cubeserve.attention.base import AttentionBackend
     from cubeserve.mem_cache.kv_pool import KVCache, ReqToTokenPool
@@ -56,5 +58,5 @@ class ForwardBatch:
         """Index of each request's last new token inside the flat token dimension."""
         if self.mode.is_decode:
             return torch.arange(self.batch_size, device=self.input_ids.device)
-        lens = torch.tensor(self.extend_seq_lens_cpu, device=self.input_ids.device)
+        lens = to_device(self.extend_seq_lens_cpu, torch.int64, self.input_ids.device)
         return torch.cumsum(lens, dim=0) - 1

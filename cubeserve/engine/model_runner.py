@@ -18,7 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from cubeserve.attention.base import AttentionBackend, create_attention_backend
 from cubeserve.engine.forward_batch import ForwardBatch
-from cubeserve.engine.sampler import SampleOutput, Sampler, SamplingReq
+from cubeserve.engine.sampler import PendingSample, Sampler, SamplingReq
 from cubeserve.layers.fused_kernels import enable_torch_compile
 from cubeserve.mem_cache.kv_pool import KVCache, ReqToTokenPool, TokenSlotAllocator
 from cubeserve.models.registry import ModelRegistry
@@ -117,8 +117,8 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(batch)
         return self.model.forward(batch)
 
-    def sample(self, logits: torch.Tensor, reqs: Sequence[SamplingReq]) -> SampleOutput:
-        return self.sampler.sample(logits, reqs)
+    def sample_async(self, logits: torch.Tensor, reqs: Sequence[SamplingReq]) -> PendingSample:
+        return self.sampler.sample_async(logits, reqs)
 
     def _kv_capacity(self, bytes_per_token: int, context_len: int) -> int:
         """KV pool size in tokens: ``--max-total-tokens``, else what the memory allows."""
@@ -141,11 +141,15 @@ class ModelRunner:
         return tokens
 
     def _cuda_kv_budget_bytes(self) -> float:
-        """``--mem-fraction-static`` of the GPU for weights + KV, bounded by what is free now."""
+        """``--mem-fraction-static`` of the GPU for weights + KV + the vision encoder cache
+        (``--mm-encoder-cache-mb``, models that accept media), bounded by what is free now."""
+        from cubeserve.multimodal.encode_stage import encoder_cache_bytes
+
         fraction = self.server_args.mem_fraction_static or DEFAULT_MEM_FRACTION_STATIC
         free, total = torch.cuda.mem_get_info(self.device)
         weights = torch.cuda.memory_allocated(self.device)
-        return min(total * fraction - weights, free - CUDA_ACTIVATION_RESERVE_BYTES)
+        encoder_cache = encoder_cache_bytes(self.server_args, self.model)
+        return min(total * fraction - weights, free - CUDA_ACTIVATION_RESERVE_BYTES) - encoder_cache
 
     def _init_cuda_graphs(self) -> CudaGraphRunner | None:
         if not use_cuda_graphs(self.device, self.server_args, self.attn_backend):

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from cubeserve.engine.sampling_params import SamplingParams
+from cubeserve.utils import to_device
 
 
 class SamplingReq(Protocol):
@@ -52,14 +53,57 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 class Sampler:
     def sample(self, logits: torch.Tensor, reqs: Sequence[SamplingReq]) -> SampleOutput:
-        """Pick one token per row of ``logits`` ([batch, vocab] float32); ``logits`` is not modified."""
+        """One token per row of ``logits`` ([batch, vocab] float32), which is not modified."""
+        return self.sample_async(logits, reqs).wait()
+
+    def sample_async(self, logits: torch.Tensor, reqs: Sequence[SamplingReq]) -> PendingSample:
+        """``sample`` with the results left on the device until ``PendingSample.wait``."""
         params = [req.sampling_params for req in reqs]
         adjusted = adjust_logits(logits, reqs)
         if all(p.is_greedy for p in params):
             next_ids = adjusted.argmax(dim=-1)
         else:
             next_ids = _sample_mixed(adjusted, reqs)
-        return _make_output(logits, next_ids, reqs)
+        return _pending_output(logits, next_ids, reqs)
+
+
+class PendingSample:
+    """One forward's sampled tokens (and logprobs) on their way to the host.
+
+    The copies queue behind the sampling kernels, so the host can launch the next forward,
+    which reads the tokens from ``next_ids`` on the device, before they land.
+    """
+
+    def __init__(
+        self,
+        next_ids: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        top: tuple[torch.Tensor, torch.Tensor] | None,
+        top_nums: list[int],
+    ) -> None:
+        self.next_ids = next_ids
+        self._top_nums = top_nums
+        on_device = [next_ids, logprobs, *(top or ())]
+        self._host = [t.to("cpu", non_blocking=True) if t is not None else None for t in on_device]
+        self._copied: torch.cuda.Event | None = None
+        if next_ids.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def wait(self) -> SampleOutput:
+        if self._copied is not None:
+            self._copied.synchronize()
+        next_ids, logprobs, *top = self._host
+        output = SampleOutput(next_ids.tolist())
+        if logprobs is not None:
+            output.logprobs = logprobs.tolist()
+        if top:
+            top_ids, top_values = (t.tolist() for t in top)
+            output.top_logprobs = [
+                list(zip(ids[:n], values[:n]))
+                for n, ids, values in zip(self._top_nums, top_ids, top_values)
+            ]
+        return output
 
 
 def adjust_logits(logits: torch.Tensor, reqs: Sequence[SamplingReq]) -> torch.Tensor:
@@ -81,15 +125,15 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[int], biases: list[dict[i
     row_ids = [row for row, bias in zip(rows, biases) for _ in bias]
     token_ids = [token_id for bias in biases for token_id in bias]
     values = [value for bias in biases for value in bias.values()]
-    index = (_to_device(row_ids, torch.long, device), _to_device(token_ids, torch.long, device))
-    logits.index_put_(index, _to_device(values, logits.dtype, device), accumulate=True)
+    index = (to_device(row_ids, torch.long, device), to_device(token_ids, torch.long, device))
+    logits.index_put_(index, to_device(values, logits.dtype, device), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[int], reqs: list[SamplingReq]) -> None:
     """Penalise the ``rows`` of ``logits`` in place (``reqs[i]`` belongs to ``rows[i]``)."""
     device, vocab_size = logits.device, logits.shape[-1]
     params = [req.sampling_params for req in reqs]
-    row_index = _to_device(rows, torch.long, device)
+    row_index = to_device(rows, torch.long, device)
     sub = logits.index_select(0, row_index)
     output_counts = _token_counts([req.output_ids for req in reqs], vocab_size, device)
 
@@ -117,8 +161,8 @@ def _token_counts(seqs: list[list[int]], vocab_size: int, device: torch.device) 
     """
     seqs = [[t for t in seq if 0 <= t < vocab_size] for seq in seqs]
     row_ids = [row for row, seq in enumerate(seqs) for _ in seq]
-    flat = _to_device(row_ids, torch.long, device) * vocab_size
-    flat += _to_device(list(chain.from_iterable(seqs)), torch.long, device)
+    flat = to_device(row_ids, torch.long, device) * vocab_size
+    flat += to_device(list(chain.from_iterable(seqs)), torch.long, device)
     counts = torch.zeros(len(seqs) * vocab_size, device=device)
     # index_add_ rather than bincount, which syncs with the host on CUDA to size its output.
     counts.index_add_(0, flat, torch.ones(flat.shape, device=device))
@@ -135,7 +179,7 @@ def _sample_mixed(logits: torch.Tensor, reqs: Sequence[SamplingReq]) -> torch.Te
     if not any(greedy):
         return sampled
     # An exact argmax (not a draw among tied maxima) keeps top_k=1 identical to greedy.
-    return torch.where(_to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled)
+    return torch.where(to_device(greedy, torch.bool, device), logits.argmax(dim=-1), sampled)
 
 
 def _filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -178,29 +222,18 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     return (probs / noise).argmax(dim=-1)
 
 
-def _make_output(raw_logits: torch.Tensor, next_ids: torch.Tensor, reqs: Sequence[SamplingReq]) -> SampleOutput:
-    next_token_ids = next_ids.tolist()
-    max_top = max((req.top_logprobs_num for req in reqs), default=0)
+def _pending_output(
+    raw_logits: torch.Tensor, next_ids: torch.Tensor, reqs: Sequence[SamplingReq]
+) -> PendingSample:
+    top_nums = [req.top_logprobs_num for req in reqs]
+    max_top = max(top_nums, default=0)
     if not max_top and not any(req.return_logprob for req in reqs):
-        return SampleOutput(next_token_ids)
+        return PendingSample(next_ids, None, None, top_nums)
     logprobs = raw_logits.log_softmax(dim=-1)
-    chosen = logprobs.gather(1, next_ids.view(-1, 1)).view(-1).tolist()
-    if not max_top:
-        return SampleOutput(next_token_ids, chosen)
-    top_values, top_ids = logprobs.topk(max_top, dim=-1)
-    top = [
-        list(zip(ids[: req.top_logprobs_num], values[: req.top_logprobs_num]))
-        for req, ids, values in zip(reqs, top_ids.tolist(), top_values.tolist())
-    ]
-    return SampleOutput(next_token_ids, chosen, top)
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list -> device tensor without blocking the host on CUDA (pinned, non-blocking copy)."""
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    chosen = logprobs.gather(1, next_ids.view(-1, 1)).view(-1)
+    top = logprobs.topk(max_top, dim=-1) if max_top else None
+    return PendingSample(next_ids, chosen, (top.indices, top.values) if top else None, top_nums)
 
 
 def _column(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _to_device(values, dtype, device).view(-1, 1)
+    return to_device(values, dtype, device).view(-1, 1)

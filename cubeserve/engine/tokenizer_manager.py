@@ -19,8 +19,11 @@ cumulative chunks::
                    "mm_meta": {...}}}                                              # media requests
 
 every few tokens when ``obj.stream``, else only the final chunk of each sample. Invalid
-requests raise ``ValueError`` naming the field before anything reaches the engine. Text never
-contains a stop string or any part of one that may still complete.
+requests raise ``ValueError`` naming the field before anything reaches the engine; with
+``abort_invalid`` they yield instead each sample's final chunk with an empty output and finish
+reason ``{"type": "abort", "message": ..., "status_code": 400}``, the form in which the engine
+reports a request it rejects. Text never contains a stop string or any part of one that may
+still complete.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import zmq
@@ -159,7 +163,8 @@ class TokenizerManager:
         self._recv_task: asyncio.Task | None = None
         self._queues: dict[str, asyncio.Queue[TokenOutput | BaseException]] = {}
         self._sample_rids: dict[str, list[str]] = {}  # request rid -> its samples' rids
-        self._media = MediaSender()
+        # The engine keeps no encodings to refer to when its encoder cache is off.
+        self._media = MediaSender(by_reference=server_args.mm_encoder_cache_mb > 0)
         self._resends: set[asyncio.Task] = set()
         self._stats_waiters: deque[asyncio.Future[EngineStats]] = deque()
         self._flush_waiters: deque[asyncio.Future[bool]] = deque()
@@ -206,14 +211,25 @@ class TokenizerManager:
 
     # ------------------------------------------------------------------ requests
 
-    async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[dict[str, Any]]:
-        """Chunks of the request's samples as they are produced (see the module docstring)."""
-        if obj.messages is not None:  # media decoding must not block the event loop
-            reqs = await asyncio.to_thread(self.tokenize_request, obj)
-        else:
-            reqs = self.tokenize_request(obj)
-        if obj.rid in self._sample_rids or any(req.rid in self._queues for req in reqs):
-            raise ValueError(f"rid {obj.rid!r} is already in use by a running request")
+    async def generate_request(
+        self, obj: GenerateReqInput, abort_invalid: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of the request's samples as they are produced (see the module docstring).
+        An invalid request raises ``ValueError``, or with ``abort_invalid`` finishes at once
+        as aborted (``rejection_chunks``)."""
+        try:
+            if obj.messages is not None:  # media decoding must not block the event loop
+                reqs = await asyncio.to_thread(self.tokenize_request, obj)
+            else:
+                reqs = self.tokenize_request(obj)
+            if obj.rid in self._sample_rids or any(req.rid in self._queues for req in reqs):
+                raise ValueError(f"rid {obj.rid!r} is already in use by a running request")
+        except ValueError as err:
+            if not abort_invalid:
+                raise
+            for chunk in rejection_chunks(obj, err):
+                yield chunk
+            return
         self._check_engine_alive()
         queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
         states = {req.rid: self._new_state(req, i) for i, req in enumerate(reqs)}
@@ -280,6 +296,9 @@ class TokenizerManager:
     def tokenize_request(self, obj: GenerateReqInput) -> list[TokenizedGenerateReq]:
         """Validate ``obj`` and make one engine request per sample; raises ``ValueError``."""
         info = self._require_started()
+        if not isinstance(obj.sampling_params, dict):
+            kind = type(obj.sampling_params).__name__
+            raise ValueError(f"sampling_params must be a dict, got {kind}")  # noqa: TRY004
         params = SamplingParams.from_dict(dict(obj.sampling_params)).normalize()
         params.verify(info.vocab_size)
         input_ids, mm_inputs = self._prompt_ids(obj)
@@ -350,15 +369,55 @@ class TokenizerManager:
         """Send ``reqs`` with their media by file or by reference (``MediaSender``); pixel
         files are written off the event loop."""
         for req in reqs:
-            if req.mm_inputs is not None:
-                req = await asyncio.to_thread(self._media.wire_form, req)
-            self._send(req)
+            if req.mm_inputs is None:
+                self._send(req)
+            else:
+                self._send_media(await self._media_wire_form(self._media.wire_form, req))
 
-    async def _resend_with_media(self, rid: str) -> None:
-        """The engine no longer holds the encodings ``rid`` referenced: send its pixels."""
-        req = await asyncio.to_thread(self._media.resend_form, rid)
-        if req is not None and rid in self._queues:
-            self._send(req)
+    async def _resend_with_media(self, out: TokenOutput) -> None:
+        """The engine no longer holds the encodings ``out.rid`` referenced: send its pixels.
+        A request that referenced nothing (its pixel file was gone) is not resent: ``out``
+        finishes it, so a miss can never loop."""
+        queue = self._queues.get(out.rid)
+        try:
+            wire = await self._media_wire_form(self._media.resend_form, out.rid)
+        except Exception as err:  # e.g. no room for the pixel file: fail the request
+            logger.exception("resending the media of request %s failed", out.rid)
+            if queue is not None and self._queues.get(out.rid) is queue:
+                queue.put_nowait(err)
+            return
+        if wire is None:
+            if queue is not None and self._queues.get(out.rid) is queue:
+                queue.put_nowait(out)
+        elif out.rid in self._queues:
+            self._send_media(wire)
+        else:  # its consumer is gone
+            self._media.abandon(wire)
+
+    async def _media_wire_form(
+        self, make: Callable[[Any], TokenizedGenerateReq | None], arg: Any
+    ) -> TokenizedGenerateReq | None:
+        """``make(arg)`` in a worker thread (it writes pixel files). If the caller is cancelled
+        meanwhile, the request it makes is abandoned once made, so that nothing waits for it to
+        be sent (``MediaSender``'s protocol)."""
+        task = asyncio.ensure_future(asyncio.to_thread(make, arg))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._abandon_made)
+            raise
+
+    def _abandon_made(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None and task.result() is not None:
+            self._media.abandon(task.result())
+
+    def _send_media(self, wire: TokenizedGenerateReq) -> None:
+        try:
+            self._send(wire)
+        except BaseException:
+            self._media.abandon(wire)
+            raise
+        self._media.sent(wire)
 
     async def _control(self, request: Any, waiters: deque[asyncio.Future]) -> Any:
         self._check_engine_alive()
@@ -381,7 +440,7 @@ class TokenizerManager:
         if isinstance(message, BatchTokenOutput):
             for out in message.outputs:
                 if out.finish_reason is not None and out.finish_reason.get(MEDIA_NOT_CACHED):
-                    task = asyncio.create_task(self._resend_with_media(out.rid))
+                    task = asyncio.create_task(self._resend_with_media(out))
                     self._resends.add(task)
                     task.add_done_callback(self._resends.discard)
                     continue
@@ -429,6 +488,41 @@ def _resolve_oldest(waiters: deque[asyncio.Future], result: Any) -> None:
     future = waiters.popleft()
     if not future.done():
         future.set_result(result)
+
+
+def num_samples(obj: GenerateReqInput) -> int:
+    """How many samples (results) ``obj`` makes: its ``n``; 1 when ``n`` is invalid."""
+    n = obj.sampling_params.get("n", 1) if isinstance(obj.sampling_params, dict) else 1
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+
+
+def rejection_chunks(obj: GenerateReqInput, error: Exception) -> list[dict[str, Any]]:
+    """The final chunk of each sample of ``obj``, refused by the frontend with ``error``: empty
+    output, finish reason abort with the message and status 400, like a request the engine
+    rejects (``cubeserve.scheduler.request.FinishReason.rejected``)."""
+    n = num_samples(obj)
+    chunks = []
+    for index in range(n):
+        meta: dict[str, Any] = {
+            "id": obj.rid if n == 1 else f"{obj.rid}-{index}",
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "cached_tokens": 0,
+            "finish_reason": {
+                "type": "abort",
+                "matched": None,
+                "message": str(error),
+                "status_code": int(HTTPStatus.BAD_REQUEST),
+            },
+        }
+        if obj.return_logprob:
+            meta["output_token_logprobs"] = []
+        if obj.top_logprobs_num:
+            meta["output_top_logprobs"] = []
+        chunks.append(
+            {"text": "", "delta": "", "output_ids": [], "meta_info": meta, "index": index}
+        )
+    return chunks
 
 
 def _sample_params(params: SamplingParams, index: int) -> SamplingParams:

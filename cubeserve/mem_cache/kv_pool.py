@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import torch
 
+from cubeserve.utils import to_device
+
 
 class ReqToTokenPool:
-    """Maps (request row, position) -> KV slot."""
+    """Maps (request row, position) -> KV slot.
+
+    The table lives on the device, where attention reads it, and is mirrored on the host, where
+    the scheduler reads a request's slots to hand them to the radix cache: reading the device
+    table would wait for every forward queued on the device.
+    """
 
     def __init__(self, size: int, max_context_len: int, device: torch.device | str) -> None:
         self.size = size
         self.max_context_len = max_context_len
+        self.device = torch.device(device)
         self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        self._host_table = torch.zeros((size, max_context_len), dtype=torch.int64)
         self._free_rows = list(range(size))
 
     def available_size(self) -> int:
@@ -27,6 +36,22 @@ class ReqToTokenPool:
 
     def free(self, row: int) -> None:
         self._free_rows.append(row)
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Set ``table[rows[i], positions[i]] = slots[i]``; all three are host int64 tensors."""
+        self._host_table[rows, positions] = slots
+        device = self.device
+        index = (to_device(rows, torch.int64, device), to_device(positions, torch.int64, device))
+        self.req_to_token[index] = to_device(slots, torch.int64, device)
+
+    def write_prefix(self, row: int, slots: torch.Tensor) -> None:
+        """Make ``slots`` (host) the first ``len(slots)`` entries of ``row``."""
+        self._host_table[row, : len(slots)] = slots
+        self.req_to_token[row, : len(slots)] = to_device(slots, torch.int64, self.device)
+
+    def slots(self, row: int, end: int) -> torch.Tensor:
+        """The host copy of ``row``'s first ``end`` slots."""
+        return self._host_table[row, :end].clone()
 
 
 class TokenSlotAllocator:

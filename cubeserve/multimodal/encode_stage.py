@@ -1,9 +1,10 @@
 """The engine-side multimodal stage: vision encoding before a request's first prefill.
 
 For a Quicksviewer request it runs the vision encoder on every media item (through an
-encoder cache keyed by the item's content hash), lets cubing decide which timestamp
-placeholders survive (``ProcessedRequest.merge_cubes``), and expands each surviving
-placeholder into ``num_queries`` pad ids. The pad ids lie above the vocabulary and are derived
+encoder cache keyed by the item's content hash: ``--mm-encoder-cache-mb`` on the model's
+device, 0 disables it), lets cubing decide which timestamp placeholders survive
+(``ProcessedRequest.merge_cubes``), and expands each surviving placeholder into
+``num_queries`` pad ids. The pad ids lie above the vocabulary and are derived
 from the media's content hash, so the radix cache shares a video's KV between requests that
 show the same video and never between two different videos.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +28,11 @@ from cubeserve.multimodal.processors.quicksviewer import (
 )
 from cubeserve.multimodal.transport import MediaKey, media_key
 from cubeserve.scheduler.request import Req
+from cubeserve.server_args import ServerArgs
 
 # Pad ids are vocab_size + a 62-bit value: below 2**63, so they fit the int64 token tensors.
 _PAD_ID_BITS = 62
-DEFAULT_ENCODER_CACHE_BYTES = 2 << 30
+DEFAULT_ENCODER_CACHE_BYTES = ServerArgs.mm_encoder_cache_mb << 20
 
 
 @dataclass
@@ -66,9 +69,22 @@ def cube_segments(item: MediaItem, video: VideoEncoding) -> list[dict[str, float
     ]
 
 
-def create_encode_stage(model: torch.nn.Module) -> MultimodalEncodeStage | None:
-    """The scheduler's ``mm_encoder`` for ``model``; None for text-only models."""
-    return MultimodalEncodeStage(model) if isinstance(model, QuicksviewerForCausalLM) else None
+def accepts_media(model: torch.nn.Module) -> bool:
+    return isinstance(model, QuicksviewerForCausalLM)
+
+
+def encoder_cache_bytes(server_args: ServerArgs, model: torch.nn.Module) -> int:
+    """Bytes the encoder cache may take on the model's device (``--mm-encoder-cache-mb``);
+    0 for text-only models, which have no encode stage."""
+    return server_args.mm_encoder_cache_mb << 20 if accepts_media(model) else 0
+
+
+def create_encode_stage(
+    model: torch.nn.Module, cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES
+) -> MultimodalEncodeStage | None:
+    """The scheduler's ``mm_encoder`` for ``model`` with an encoder cache of ``cache_bytes``
+    (0 disables it); None for text-only models."""
+    return MultimodalEncodeStage(model, cache_bytes) if accepts_media(model) else None
 
 
 class MultimodalEncodeStage:
@@ -85,11 +101,44 @@ class MultimodalEncodeStage:
         self.cache: ByteBoundedLRU[MediaKey, EncodedMedia] = ByteBoundedLRU(
             cache_bytes, lambda entry: entry.nbytes
         )
+        # Media a live job is encoding; a job that is dropped (abort, failure) drops out.
+        self.encoding_now: weakref.WeakValueDictionary[MediaKey, EncodeJob] = (
+            weakref.WeakValueDictionary()
+        )
 
-    @torch.inference_mode()
+    @property
+    def tower_batch(self) -> int:
+        """Views the vision tower encodes per forward; ``EncodeJob.encode_next_batch`` runs one."""
+        return self.model.vision.vision_tower.max_batch_size
+
+    def is_encoding(self, key: MediaKey) -> bool:
+        return key in self.encoding_now
+
+    def start(self, req: Req) -> EncodeJob:
+        """Begin encoding ``req``'s media (see ``EncodeJob``)."""
+        return EncodeJob(self, req)
+
     def __call__(self, req: Req) -> None:
+        """All of ``req``'s vision work at once."""
+        job = self.start(req)
+        job.encode_rest()
+        job.finish()
+
+    def encode_features(self, item: MediaItem, features: torch.Tensor) -> EncodedMedia:
+        """Cubing (videos), resampler and thumbnail on the tower features of ``item``'s views;
+        the result goes into the encoder cache."""
+        if item.kind == "video":
+            video = self.model.vision.encode_video_features(features)
+            entry = EncodedMedia(video.features, video)
+        else:
+            entry = EncodedMedia(self.model.vision.encode_image_features(features), None)
+        self.cache.put(media_key(item), entry)
+        return entry
+
+    def apply(self, req: Req, encoded: list[EncodedMedia]) -> None:
+        """Give ``req`` its final prompt: cubing decides which timestamp placeholders stay, each
+        one left becomes ``num_queries`` pad ids whose embeddings are the feature blocks."""
         processed: ProcessedRequest = req.mm_inputs
-        encoded = [self._encode(item) for item in processed.media]
         videos = [enc.video for enc in encoded if enc.video is not None]
         merged_ids = processed.merge_cubes([v.frame_bounds for v in videos])
         req.origin_input_ids, req.mm_mask = self._expand_placeholders(
@@ -104,20 +153,6 @@ class MultimodalEncodeStage:
             ]
         }
         req.mm_inputs = None  # pixels are no longer needed
-
-    def _encode(self, item: MediaItem) -> EncodedMedia:
-        key = media_key(item)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        pixels = item.pixel_values_on(self.device, self.dtype)
-        if item.kind == "video":
-            video = self.model.vision.encode_video(pixels)
-            entry = EncodedMedia(video.features, video)
-        else:
-            entry = EncodedMedia(self.model.vision.encode_images(pixels), None)
-        self.cache.put(key, entry)
-        return entry
 
     def _expand_placeholders(
         self, merged_ids: list[int], media: list[MediaItem], encoded: list[EncodedMedia]
@@ -144,3 +179,91 @@ class MultimodalEncodeStage:
                 ids.append(token)
                 mask.append(False)
         return ids, torch.tensor(mask, dtype=torch.bool)
+
+
+class EncodeJob:
+    """The vision work of one request, which the scheduler spreads over its steps.
+
+    Encodings in the cache are taken at the start. A medium that an earlier job is encoding is
+    taken from the cache once that job is done (the scheduler runs jobs first come, first
+    served), so concurrent requests showing one new video encode it once, and one that came
+    by reference need not be resent; the other media's pixels are read at the start (a
+    by-reference medium nobody encodes raises ``MediaNotCachedError`` at once). The vision
+    tower runs over their views one tower batch at a time (``encode_next_batch``) or all at
+    once (``encode_rest``): the same batches either way, so the same features. A medium whose
+    views are all encoded is cubed and resampled at once; ``finish`` builds the request's
+    prompt when every medium is done.
+    """
+
+    def __init__(self, stage: MultimodalEncodeStage, req: Req) -> None:
+        self.stage = stage
+        self.req = req
+        self.media: list[MediaItem] = req.mm_inputs.media
+        self.encoded: list[EncodedMedia | None] = [
+            stage.cache.get(media_key(item)) for item in self.media
+        ]
+        # Uncached media, each encoded once however often the request shows it.
+        self._todo: dict[MediaKey, list[int]] = {}
+        for i, item in enumerate(self.media):
+            if self.encoded[i] is None:
+                self._todo.setdefault(media_key(item), []).append(i)
+        self._borrowed = {key for key in self._todo if stage.is_encoding(key)}
+        for key in self._todo.keys() - self._borrowed:
+            self._claim(key)
+        self._features: list[torch.Tensor] = []  # tower output of the first medium to do, so far
+        self._next_view = 0
+
+    @property
+    def done(self) -> bool:
+        return not self._todo
+
+    @torch.inference_mode()
+    def encode_next_batch(self) -> None:
+        if self._todo:
+            self._encode_views(self.stage.tower_batch)
+
+    @torch.inference_mode()
+    def encode_rest(self) -> None:
+        while self._todo:
+            self._encode_views(None)
+
+    def finish(self) -> None:
+        self.stage.apply(self.req, self.encoded)
+
+    def _claim(self, key: MediaKey) -> None:
+        self._source(key).take_pixels()
+        self.stage.encoding_now[key] = self
+
+    def _source(self, key: MediaKey) -> MediaItem:
+        """The request's copy of medium ``key`` that came with pixels, if one did."""
+        copies = [self.media[i] for i in self._todo[key]]
+        return next((item for item in copies if item.pixels is not None), copies[0])
+
+    def _encode_views(self, max_views: int | None) -> None:
+        """Run the tower on the next ``max_views`` views (None: all) of the first medium to do."""
+        key = next(iter(self._todo))
+        if key in self._borrowed:
+            self._borrowed.discard(key)
+            entry = self.stage.cache.get(key)
+            if entry is not None:
+                self._complete(key, entry)
+                return
+            self._claim(key)  # its job failed or it was evicted already: encode it here
+        item = self._source(key)
+        num_views = len(item.take_pixels())
+        end = num_views if max_views is None else min(num_views, self._next_view + max_views)
+        pixels = item.pixel_values_on(
+            self.stage.device, self.stage.dtype, slice(self._next_view, end)
+        )
+        self._features.append(self.stage.model.vision.tower_features(pixels))
+        self._next_view = end
+        if end == num_views:
+            features = self._features[0] if len(self._features) == 1 else torch.cat(self._features)
+            self._complete(key, self.stage.encode_features(item, features))
+            self._features, self._next_view = [], 0
+
+    def _complete(self, key: MediaKey, entry: EncodedMedia) -> None:
+        for i in self._todo.pop(key):
+            self.encoded[i] = entry
+        if self.stage.encoding_now.get(key) is self:
+            del self.stage.encoding_now[key]

@@ -59,6 +59,11 @@ class Req:
     mm_meta: dict[str, Any] | None = None  # reported back once with the first output
 
     output_ids: list[int] = field(default_factory=list)
+    # Overlap schedule: tokens sampled by forwards whose results the host has not taken in yet
+    # (at most one while scheduling; two between a launch and the previous forward's
+    # processing). They count in ``fill_len`` (the next forward computes the KV of the last,
+    # reading it on the device) but are not in ``output_ids`` or ``fill_ids`` yet.
+    num_pending_tokens: int = 0
     finish_reason: FinishReason | None = None
 
     # KV state: row ``req_pool_idx`` of the ReqToTokenPool holds the slots of the first
@@ -76,12 +81,18 @@ class Req:
 
     @property
     def fill_ids(self) -> list[int]:
-        """Every token whose KV the request needs: the prompt and all outputs so far."""
+        """Every token whose KV the request needs: the prompt and the outputs on the host."""
         return self.origin_input_ids + self.output_ids
 
     @property
     def fill_len(self) -> int:
-        return len(self.origin_input_ids) + len(self.output_ids)
+        return len(self.origin_input_ids) + len(self.output_ids) + self.num_pending_tokens
+
+    @property
+    def sampled_all(self) -> bool:
+        """Whether all ``max_new_tokens`` are sampled, the last one possibly still pending."""
+        num_sampled = len(self.output_ids) + self.num_pending_tokens
+        return num_sampled >= self.sampling_params.max_new_tokens
 
     @property
     def finished(self) -> bool:

@@ -8,8 +8,22 @@ from dataclasses import dataclass
 import torch
 
 from cubeserve.engine.forward_batch import ForwardBatch, ForwardMode
+from cubeserve.engine.sampler import PendingSample
 from cubeserve.mem_cache.kv_pool import ReqToTokenPool
 from cubeserve.scheduler.request import Req
+from cubeserve.utils import to_device
+
+
+@dataclass(eq=False)
+class InflightBatch:
+    """A launched forward whose sampled tokens have not reached the host: request ``reqs[i]``
+    sampled ``sample.next_ids[i]``."""
+
+    reqs: list[Req]
+    sample: PendingSample
+
+    def __post_init__(self) -> None:
+        self.row_of = {req: i for i, req in enumerate(self.reqs)}
 
 
 @dataclass
@@ -54,32 +68,50 @@ class ScheduleBatch:
         return sum(self.extend_lens)
 
     def to_forward_batch(
-        self, out_cache_loc: torch.Tensor, req_to_token_pool: ReqToTokenPool, device: torch.device
+        self,
+        out_cache_loc: torch.Tensor,
+        req_to_token_pool: ReqToTokenPool,
+        device: torch.device,
+        inflight: InflightBatch | None = None,
     ) -> ForwardBatch:
-        """Record the new tokens' KV slots (``out_cache_loc``, flat over the batch) in the
-        request rows and build the flat model inputs."""
+        """Record the new tokens' KV slots (``out_cache_loc``, flat over the batch, on the host)
+        in the request rows and build the flat model inputs. Requests with a pending token
+        (sampled by ``inflight``, the forward still running) read it on the device."""
         input_ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
+        pending_at: list[int] = []  # where pending tokens go in ``input_ids``
+        pending_rows: list[int] = []  # and their rows in ``inflight``'s sampled tokens
         for req, n in zip(self.reqs, self.extend_lens):
-            input_ids += self._new_token_ids(req, n)
+            if req.num_pending_tokens:  # a running request decoding: its only new token
+                pending_at.append(len(input_ids))
+                pending_rows.append(inflight.row_of[req])
+                input_ids.append(0)
+            else:
+                input_ids += self._new_token_ids(req, n)
             positions += range(req.kv_len, req.kv_len + n)
             rows += [req.req_pool_idx] * n
         prefix_lens = [req.kv_len for req in self.reqs]
         seq_lens = [p + n for p, n in zip(prefix_lens, self.extend_lens)]
 
-        positions_t = _to(positions, torch.int64, device)
-        out_cache_loc = out_cache_loc.to(device, non_blocking=True)
-        req_to_token_pool.req_to_token[_to(rows, torch.int64, device), positions_t] = out_cache_loc
+        host_positions = torch.tensor(positions, dtype=torch.int64)
+        host_rows = torch.tensor(rows, dtype=torch.int64)
+        req_to_token_pool.write(host_rows, host_positions, out_cache_loc)
+        input_ids_t = to_device(input_ids, torch.int64, device)
+        if pending_at:
+            sampled = inflight.sample.next_ids[to_device(pending_rows, torch.int64, device)]
+            input_ids_t[to_device(pending_at, torch.int64, device)] = sampled
 
         batch = ForwardBatch(
             mode=self.mode,
             batch_size=len(self.reqs),
-            input_ids=_to(input_ids, torch.int64, device),
-            positions=positions_t,
-            req_pool_indices=_to([req.req_pool_idx for req in self.reqs], torch.int64, device),
-            seq_lens=_to(seq_lens, torch.int32, device),
-            out_cache_loc=out_cache_loc,
+            input_ids=input_ids_t,
+            positions=to_device(host_positions, torch.int64, device),
+            req_pool_indices=to_device(
+                [req.req_pool_idx for req in self.reqs], torch.int64, device
+            ),
+            seq_lens=to_device(seq_lens, torch.int32, device),
+            out_cache_loc=to_device(out_cache_loc, torch.int64, device),
             seq_lens_cpu=seq_lens,
             req_to_token_pool=req_to_token_pool,
         )
@@ -109,9 +141,5 @@ class ScheduleBatch:
                 masks.append(chunk[0])
                 rows.append(chunk[1])
         if rows:
-            batch.mm_mask = torch.cat(masks).to(device, non_blocking=True)
+            batch.mm_mask = to_device(torch.cat(masks), torch.bool, device)
             batch.mm_embeds = torch.cat([r.to(device) for r in rows])
-
-
-def _to(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

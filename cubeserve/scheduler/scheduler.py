@@ -6,6 +6,18 @@ admitted, else a DECODE batch of all running requests (SGLang's prefill-first po
 batch, as 1-token extends after the prompt chunks (SGLang's mixed chunked prefill), so they
 keep streaming while long prompts are prefilled chunk by chunk.
 
+Requests with media queue for the vision encoder first (``encoding``), which works on one
+request at a time: all of it in one step when nothing else runs, else one vision-tower batch
+per step, so that a long video never stalls the running streams for its whole encoding.
+
+Overlap schedule (on by default on CUDA, SGLang's zero-overhead scheduler): the host
+launches a forward, then takes in the tokens sampled by the previous one while the device
+runs it, so scheduling and output processing hide behind the GPU. A running request whose
+last token is still on the device (``Req.num_pending_tokens``) decodes by reading it there. A
+request stopped by that token has computed one token too many (its KV is cached, the token
+dropped). Steps that need every token on the host first wait for the previous forward:
+sampling with penalties (they count output tokens) and retraction.
+
 KV accounting: a request's row in the ReqToTokenPool lists its slots; the part that came from
 the radix cache is locked there, the rest it owns. When it finishes (or is aborted, or
 retracted) its KV goes into the radix cache, which frees what it already had and keeps the
@@ -16,7 +28,7 @@ the newest running requests are retracted to the waiting queue and recomputed la
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -47,16 +59,21 @@ from cubeserve.engine.model_runner import ModelRunner, load_model_config
 from cubeserve.engine.sampler import SampleOutput, make_generator
 from cubeserve.engine.tokenizer import get_eos_token_ids, load_tokenizer
 from cubeserve.mem_cache.radix_cache import RadixCache
-from cubeserve.multimodal.encode_stage import create_encode_stage
+from cubeserve.multimodal.encode_stage import (
+    EncodeJob,
+    create_encode_stage,
+    encoder_cache_bytes,
+)
 from cubeserve.multimodal.transport import MediaNotCachedError
 from cubeserve.scheduler.request import FinishReason, Req
-from cubeserve.scheduler.schedule_batch import ScheduleBatch
+from cubeserve.scheduler.schedule_batch import InflightBatch, ScheduleBatch
 from cubeserve.scheduler.schedule_policy import (
     DecodeReservation,
     SchedulePolicy,
     prefix_match_key,
 )
 from cubeserve.server_args import ServerArgs
+from cubeserve.utils import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +100,17 @@ class Scheduler:
             model_runner.device
         )
         self.enable_mixed_chunk = server_args.enable_mixed_chunk
+        self.overlap = use_overlap_schedule(server_args, model_runner.device)
         self.max_queued_requests = server_args.max_queued_requests
-        self.mm_encoder = create_encode_stage(model_runner.model)
+        self.mm_encoder = create_encode_stage(
+            model_runner.model, encoder_cache_bytes(server_args, model_runner.model)
+        )
 
+        self.encoding: list[EncodeJob] = []  # requests whose media are being encoded, FCFS
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # fully prefilled, in admission order
         self.chunked_req: Req | None = None  # at most one request is prefilled across steps
+        self._inflight: InflightBatch | None = None  # overlap: the forward running on the device
         self.num_generated_tokens = 0
         self.num_retracted_reqs = 0
         self._outbox: dict[str, Req] = {}  # requests with output to send after this step
@@ -98,7 +120,7 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         """Whether ``step`` has anything to do: requests to run or outputs to send."""
-        return bool(self._live_reqs() or self._outbox)
+        return bool(self._live_reqs() or self._outbox or self._inflight)
 
     def handle_message(self, message: Any) -> Any:
         """Apply one frontend message; returns the reply to send back, if any."""
@@ -115,7 +137,8 @@ class Scheduler:
         return None
 
     def add_request(self, recv: TokenizedGenerateReq) -> Req:
-        """Queue ``recv`` (after its media are encoded), or finish it at once as aborted."""
+        """Queue ``recv``: to the vision encoder first if it has media, else to ``waiting``.
+        A request that cannot be served finishes at once as aborted."""
         req = Req(
             rid=recv.rid,
             origin_input_ids=list(recv.input_ids),
@@ -126,35 +149,46 @@ class Scheduler:
             stream=recv.stream,
             mm_inputs=recv.mm_inputs,
         )
-        rejection = self._rejection(req)
+        rejection = self._arrival_rejection(req)
+        if rejection is None and req.mm_inputs is not None:
+            rejection = self._media_failure(
+                req, lambda: self.encoding.append(self.mm_encoder.start(req))
+            )
+        elif rejection is None:
+            rejection = self._enqueue(req)
         if rejection is not None:
             self._finish(req, rejection)
-        else:
-            self.waiting.append(req)
         return req
 
-    def _rejection(self, req: Req) -> FinishReason | None:
-        """Why ``req`` cannot be served, or None. Runs the multimodal encoder, then settles
-        ``max_new_tokens`` (default: the rest of the context) on the expanded prompt."""
-        if len(self.waiting) >= self.max_queued_requests:
+    def _arrival_rejection(self, req: Req) -> FinishReason | None:
+        if len(self.waiting) + len(self.encoding) >= self.max_queued_requests:
             return FinishReason.rejected(
                 f"the waiting queue is full ({self.max_queued_requests} requests)",
                 HTTPStatus.SERVICE_UNAVAILABLE,
             )
-        if req.mm_inputs is not None:
-            if self.mm_encoder is None:
-                return FinishReason.rejected(
-                    f"{type(self.runner.model).__name__} does not accept images or videos"
-                )
-            try:
-                self.mm_encoder(req)
-            except MediaNotCachedError as err:
-                return FinishReason(
-                    "abort", message=str(err), status_code=HTTPStatus.CONFLICT, media_not_cached=True
-                )
-            except Exception as err:  # bad media must fail its request, not the engine
-                logger.exception("multimodal encoding failed for request %s", req.rid)
-                return FinishReason.rejected(f"multimodal input error: {err}")
+        if req.mm_inputs is not None and self.mm_encoder is None:
+            return FinishReason.rejected(
+                f"{type(self.runner.model).__name__} does not accept images or videos"
+            )
+        return None
+
+    def _media_failure(self, req: Req, work: Callable[[], object]) -> FinishReason | None:
+        """Run ``work`` on ``req``'s media; why it failed, or None. Bad media fail their own
+        request, never the engine."""
+        try:
+            work()
+        except MediaNotCachedError as err:
+            return FinishReason(
+                "abort", message=str(err), status_code=HTTPStatus.CONFLICT, media_not_cached=True
+            )
+        except Exception as err:
+            logger.exception("multimodal encoding failed for request %s", req.rid)
+            return FinishReason.rejected(f"multimodal input error: {err}")
+        return None
+
+    def _enqueue(self, req: Req) -> FinishReason | None:
+        """Settle ``max_new_tokens`` (default: the rest of the context) on the final prompt and
+        queue ``req`` for prefill; or say why it cannot run."""
         if not req.origin_input_ids:
             return FinishReason.rejected("the prompt is empty")
         params = req.sampling_params
@@ -164,13 +198,36 @@ class Scheduler:
             )
         except ValueError as err:
             return FinishReason.rejected(str(err))
+        self.waiting.append(req)
         return None
+
+    def _encode_media(self) -> None:
+        """Advance the vision encoding of the first request in ``encoding``: all of it when
+        nothing else is in flight, else one vision-tower batch per step, so that running
+        requests keep decoding while a long video is encoded (the tower's own batches, so the
+        features are the same either way)."""
+        if not self.encoding:
+            return
+        job = self.encoding[0]
+        busy = bool(self.running or self.waiting or self.chunked_req)
+        failure = self._media_failure(
+            job.req, job.encode_next_batch if busy else job.encode_rest
+        )
+        if failure is None and not job.done:
+            return
+        self.encoding.pop(0)
+        if failure is None:
+            failure = self._media_failure(job.req, job.finish) or self._enqueue(job.req)
+        if failure is not None:
+            self._finish(job.req, failure)
 
     def abort_request(self, rid: str) -> None:
         req = next((r for r in self._live_reqs() if r.rid == rid), None)
         if req is None:  # already finished
             return
-        if req is self.chunked_req:
+        if req in (job.req for job in self.encoding):
+            self.encoding = [job for job in self.encoding if job.req is not req]
+        elif req is self.chunked_req:
             self.chunked_req = None
         elif req in self.running:
             self.running.remove(req)
@@ -181,7 +238,7 @@ class Scheduler:
 
     def flush_cache(self) -> bool:
         """Empty the radix cache; refused (False) while any request is in flight."""
-        if self._live_reqs():
+        if self._live_reqs() or self._inflight:
             return False
         self.tree_cache.reset()
         return True
@@ -189,7 +246,7 @@ class Scheduler:
     def get_stats(self) -> EngineStats:
         return EngineStats(
             num_running_reqs=len(self.running) + (self.chunked_req is not None),
-            num_waiting_reqs=len(self.waiting),
+            num_waiting_reqs=len(self.waiting) + len(self.encoding),
             kv_pool_capacity_tokens=self.allocator.num_slots,
             kv_pool_used_tokens=self.allocator.used_size(),
             prefix_cache_hit_tokens=self.tree_cache.stats.hit_tokens,
@@ -203,10 +260,20 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[TokenOutput]:
-        """Run at most one forward; returns the outputs to send to the frontend."""
+        """Launch at most one forward, then take in the tokens of the previous one (overlap
+        schedule: the device runs this forward meanwhile), else of this one. Returns the
+        outputs to send to the frontend."""
+        if self._inflight is not None and any(
+            req.sampling_params.has_penalties for req in self._inflight.reqs
+        ):
+            self._process_inflight()  # penalties count every output token
+        self._encode_media()
         batch = self._schedule()
-        if batch is not None:
-            self._run_batch(batch)
+        launched = self._launch(batch) if batch is not None else None
+        self._process_inflight()
+        self._inflight = launched
+        if not self.overlap:
+            self._process_inflight()
         return self._drain_outputs()
 
     def _schedule(self) -> ScheduleBatch | None:
@@ -281,9 +348,7 @@ class Scheduler:
             self.tree_cache.dec_lock_ref(last_node)
             return None
         req.req_pool_idx = self.req_to_token_pool.alloc()
-        self.req_to_token_pool.req_to_token[req.req_pool_idx, : len(prefix)] = prefix.to(
-            self.runner.device
-        )
+        self.req_to_token_pool.write_prefix(req.req_pool_idx, prefix)
         req.prefix_len = req.kv_len = len(prefix)
         req.last_node = last_node
         if req.cached_tokens is None:  # retracted requests are not counted twice
@@ -300,6 +365,9 @@ class Scheduler:
 
     def _reserve_decode_slots(self) -> None:
         """Retract until every running request has a KV slot for its next token."""
+        if self._available_tokens() < len(self.running):
+            self._process_inflight()  # finishing requests may free enough; retraction needs
+            # every request's tokens on the host
         while self._available_tokens() < len(self.running):
             self._retract_newest()
 
@@ -318,35 +386,54 @@ class Scheduler:
         self.num_retracted_reqs += 1
         self.reservation.on_retract()
 
-    def _run_batch(self, batch: ScheduleBatch) -> None:
+    def _launch(self, batch: ScheduleBatch) -> InflightBatch | None:
+        """Queue ``batch``'s forward and the sampling of every request whose KV then covers all
+        its tokens (a chunked prompt waits); the sampled tokens stay on the device."""
         out_cache_loc = self._alloc_slots(batch.num_new_tokens)
         forward_batch = batch.to_forward_batch(
-            out_cache_loc, self.req_to_token_pool, self.runner.device
+            out_cache_loc, self.req_to_token_pool, self.runner.device, self._inflight
         )
         logits = self.runner.forward(forward_batch)
         for req, n in zip(batch.reqs, batch.extend_lens):
             req.kv_len += n
-        # Requests whose whole prompt now has KV sample a token; a chunked one waits.
         ready = [i for i, req in enumerate(batch.reqs) if req.kv_len == req.fill_len]
         ready_reqs = [batch.reqs[i] for i in ready]
         prefilled = [req for req in batch.prefill_reqs if req.kv_len == req.fill_len]
         for req in batch.reqs:
             if req.kv_len < req.fill_len:
                 self._cache_chunked_prefix(req)
+        launched = None
         if ready:
             rows = (
                 logits
                 if len(ready) == len(batch.reqs)
-                else logits[torch.tensor(ready, device=logits.device)]
+                else logits[to_device(ready, torch.int64, logits.device)]
             )
-            self._append_tokens(ready_reqs, self.runner.sample(rows, ready_reqs))
-        for req in ready_reqs:
+            launched = InflightBatch(ready_reqs, self.runner.sample_async(rows, ready_reqs))
+            for req in ready_reqs:
+                req.num_pending_tokens += 1
+        # A request with all its tokens sampled leaves at once: its finish is certain.
+        self.running = [req for req in self.running + prefilled if not req.sampled_all]
+        return launched
+
+    def _process_inflight(self) -> None:
+        """Take in the tokens of the forward in flight: append them, finish requests, free KV."""
+        launched, self._inflight = self._inflight, None
+        if launched is None:
+            return
+        sampled = launched.sample.wait()
+        for req in launched.reqs:
+            req.num_pending_tokens -= 1
+        self._append_tokens(launched.reqs, sampled)
+        for req in launched.reqs:
             if req.finished:
                 self._release_kv(req)
-        self.running = [req for req in self.running + prefilled if not req.finished]
+        self.running = [req for req in self.running if not req.finished]
 
     def _append_tokens(self, reqs: list[Req], sampled: SampleOutput) -> None:
         for i, (req, token_id) in enumerate(zip(reqs, sampled.next_token_ids)):
+            if req.finished:  # aborted, or stopped by its previous token, meanwhile
+                continue
             req.output_ids.append(token_id)
             if req.return_logprob:
                 req.logprobs.append(sampled.logprobs[i])
@@ -404,7 +491,7 @@ class Scheduler:
         """Hand the request's KV to the radix cache and give its row back."""
         if req.req_pool_idx is None:
             return
-        slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.kv_len].cpu()
+        slots = self.req_to_token_pool.slots(req.req_pool_idx, req.kv_len)
         already_cached = self.tree_cache.insert(req.fill_ids[: req.kv_len], slots)
         self.allocator.free(slots[req.prefix_len : already_cached])
         self.tree_cache.dec_lock_ref(req.last_node)
@@ -415,13 +502,12 @@ class Scheduler:
         """Share the prefilled part of a chunked prompt at once, locked until the next chunk."""
         if self.tree_cache.disable:
             return
-        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
         key = req.fill_ids[: req.kv_len]
-        slots = row[: req.kv_len].cpu()
+        slots = self.req_to_token_pool.slots(req.req_pool_idx, req.kv_len)
         already_cached = self.tree_cache.insert(key, slots)
         self.allocator.free(slots[req.prefix_len : already_cached])
         prefix, last_node = self.tree_cache.match_prefix(key)
-        row[: len(prefix)] = prefix.to(row.device)
+        self.req_to_token_pool.write_prefix(req.req_pool_idx, prefix)
         self.tree_cache.inc_lock_ref(last_node)
         self.tree_cache.dec_lock_ref(req.last_node)
         req.prefix_len, req.last_node = len(prefix), last_node
@@ -429,8 +515,9 @@ class Scheduler:
     # ------------------------------------------------------------------ outputs
 
     def _live_reqs(self) -> list[Req]:
+        encoding = [job.req for job in self.encoding]
         chunked = [self.chunked_req] if self.chunked_req is not None else []
-        return self.waiting + chunked + self.running
+        return encoding + self.waiting + chunked + self.running
 
     def _drain_outputs(self) -> list[TokenOutput]:
         outputs = [self._token_output(req) for req in self._outbox.values()]
@@ -483,6 +570,14 @@ def run_scheduler_process(
     ready_conn.send(_engine_info(server_args, scheduler))
     ready_conn.close()
     scheduler.event_loop(recv_socket, send_socket)
+
+
+def use_overlap_schedule(server_args: ServerArgs, device: torch.device) -> bool:
+    """On by default on CUDA; on CPU every op finishes before the host goes on, so overlap
+    would only delay each output by a step."""
+    if server_args.enable_overlap_schedule is not None:
+        return server_args.enable_overlap_schedule
+    return device.type == "cuda"
 
 
 def default_chunked_prefill_size(device: torch.device) -> int:

@@ -217,6 +217,7 @@ class TracingEngine:
             max_total_tokens=KV_POOL_TOKENS,
             max_running_requests=1,
             disable_cuda_graph=True,  # graph replays would bypass the hooks
+            enable_overlap_schedule=False,  # it would run one forward past a stop token
             allowed_local_media_path=(
                 None if allowed_local_media_path is None else str(allowed_local_media_path)
             ),

@@ -104,6 +104,7 @@ from cubeserve.multimodal.video import (
     read_video,
     video_from_frames,
 )
+from cubeserve.utils import to_device
 
 IMAGE_PLACEHOLDER_ID = -200
 IMAGE_MARKER = "<image>"
@@ -258,15 +259,22 @@ class MediaItem:
         """(frames or views, 3, S, S) float32, normalised on the CPU."""
         return normalize_pixels(self.pixels, self.normalization)
 
-    def pixel_values_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``pixel_values`` on ``device`` in ``dtype``: the uint8 pixels cross to the device (a
-        quarter of float32's bytes) and are normalised there, with the same float32 values."""
-        pixels = self.pixels
-        if pixels is None:
+    def take_pixels(self) -> np.ndarray:
+        """The uint8 pixels, read from their file (which goes away) if they came by one;
+        raises MediaNotCachedError if they were sent by reference."""
+        if self.pixels is None:
             raise MediaNotCachedError(f"{self.kind} {self.content_hash:x} was sent by reference")
-        if isinstance(pixels, PixelFile):
-            pixels = pixels.read_once()
-        uint8_pixels = torch.from_numpy(pixels).to(device)
+        if isinstance(self.pixels, PixelFile):
+            self.pixels = self.pixels.read_once()
+        return self.pixels
+
+    def pixel_values_on(
+        self, device: torch.device, dtype: torch.dtype, views: slice = slice(None)
+    ) -> torch.Tensor:
+        """``pixel_values[views]`` on ``device`` in ``dtype``: the uint8 pixels cross to the
+        device (a quarter of float32's bytes) and are normalised there, with the same float32
+        values."""
+        uint8_pixels = to_device(torch.from_numpy(self.take_pixels()[views]), torch.uint8, device)
         return normalize_pixels(uint8_pixels, self.normalization, dtype)
 
     @property
