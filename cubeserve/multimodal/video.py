@@ -4,7 +4,9 @@ The original reads videos with OpenCV (``opencv_extract_frames_fps(path, num_fra
 This module reproduces its frame choice exactly - same frame indices, same timestamps
 ``round(index / FPS, 1)`` - from the container properties OpenCV would report, but decodes with
 PyAV, seeking to the keyframe before each wanted frame when the wanted frames are far apart,
-with several threads decoding different stretches of the video at once.
+with several threads decoding different stretches of the video at once. Frames that are neither
+wanted nor referenced by other frames (most B-frames) are skipped, not decoded; the wanted
+frames are bit-identical to a full decode.
 
 Public API
 ----------
@@ -386,6 +388,15 @@ class _FrameClock:
     def exact_index(self, pts: int) -> Fraction:
         return (pts - self.start) * self.scale
 
+    def frame_number(self, pts: int | None) -> int | None:
+        """The number of the frame presented at ``pts``; None when ``pts`` is unknown or lies
+        between frames."""
+        if pts is None:
+            return None
+        exact = self.exact_index(pts)
+        number = round(exact)
+        return number if abs(exact - number) <= Fraction(1, 4) else None
+
     def frames_to_pts(self, index: int) -> int:
         return self.start + math.floor(index / self.scale)
 
@@ -436,11 +447,12 @@ def plan_decode_groups(
 
 
 class _SeekingReader:
-    """Decodes wanted frames, seeking to the keyframe before a frame when that skips work.
+    """Decodes the ``wanted`` frames, seeking to the keyframe before a frame when that skips
+    work, and skipping the non-reference frames that are not wanted.
 
     Frame numbers come from presentation timestamps (``_FrameClock``) and are checked to
-    advance by exactly one per decoded frame; anything else raises ``_IrregularStream`` so the
-    caller falls back to sequential decoding.
+    advance by exactly one per frame, counting the frames the decoder skipped; anything else
+    raises ``_IrregularStream`` so the caller falls back to sequential decoding.
     """
 
     def __init__(
@@ -449,25 +461,56 @@ class _SeekingReader:
         stream: av.VideoStream,
         clock: _FrameClock,
         keyframes: list[int],
+        wanted: Sequence[int],
         convert: _FrameConverter,
     ) -> None:
         self.container = container
         self.stream = stream
         self.clock = clock
         self.keyframes = keyframes
+        self.wanted = frozenset(wanted)
         self.convert = convert
         self.frames: Iterator[av.VideoFrame] | None = None
         self.position = -1  # number of the last frame taken from ``frames``
         self.after_seek = False
+        self.fed: set[int] = set()  # frame numbers of the packets fed to the decoder
 
     def index_of(self, frame: av.VideoFrame) -> int:
-        if frame.pts is None:
-            raise _IrregularStream
-        exact = self.clock.exact_index(frame.pts)
-        index = round(exact)
-        if abs(exact - index) > Fraction(1, 4):
+        index = self.clock.frame_number(frame.pts)
+        if index is None:
             raise _IrregularStream
         return index
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        """Frames decoded from the current demuxing position on (flushed at end of stream).
+
+        A packet of a frame that is not wanted is decoded with ``skip_frame="NONREF"``: the
+        decoder drops it when no other frame references it, which changes no other frame.
+        Packets without a frame number are decoded fully, so their frames get checked.
+        """
+        codec = self.stream.codec_context
+        # Some decoders read skip_frame only when opened (libdav1d): open them skipping nothing.
+        codec.skip_frame = "DEFAULT"
+        codec.open(strict=False)
+        for packet in self.container.demux(self.stream):
+            number = self.clock.frame_number(packet.pts)
+            if number is not None:
+                # A frame number seen twice, or behind the frames already out, would shift
+                # OpenCV's count (decode order) against ours even when its frame is dropped.
+                if number in self.fed or number <= self.position:
+                    raise _IrregularStream
+                self.fed.add(number)
+            skip = number is not None and number not in self.wanted
+            codec.skip_frame = "NONREF" if skip else "DEFAULT"
+            yield from codec.decode(packet)
+
+    def follows(self, index: int) -> bool:
+        """Whether frame ``index`` is the next after the last one taken, but for frames between
+        them that were not wanted (so may have been skipped)."""
+        return index > self.position and all(
+            number in self.fed and number not in self.wanted
+            for number in range(self.position + 1, index)
+        )
 
     def should_seek(self, target: int) -> bool:
         if self.keyframes:
@@ -481,14 +524,16 @@ class _SeekingReader:
         self.container.seek(
             max(pts, self.clock.start), stream=self.stream, backward=True, any_frame=False
         )
-        self.frames = iter(self.container.decode(self.stream))
-        self.position = -1
-        self.after_seek = True
+        self._restart(after_seek=True)
 
     def start_from_beginning(self) -> None:
-        self.frames = iter(self.container.decode(self.stream))
+        self._restart(after_seek=False)
+
+    def _restart(self, *, after_seek: bool) -> None:
+        self.frames = self._decode()
         self.position = -1
-        self.after_seek = False
+        self.after_seek = after_seek
+        self.fed = set()
 
     def read(self, target: int) -> _Decoded | None:
         """The frame numbered ``target``; None at end of stream. Raises _Overshoot after a seek
@@ -504,7 +549,7 @@ class _SeekingReader:
                     raise _Overshoot
             else:
                 index = self.index_of(frame)
-                if index != self.position + 1:
+                if not self.follows(index):
                     raise _IrregularStream
             self.position = index
             if index == target:
@@ -575,7 +620,9 @@ def _decode_group(
     wanted: list[int],
     convert: _FrameConverter,
 ) -> dict[int, _Decoded] | None:
-    reader = _SeekingReader(container, stream, _FrameClock(stream, probe), keyframes, convert)
+    reader = _SeekingReader(
+        container, stream, _FrameClock(stream, probe), keyframes, wanted, convert
+    )
     try:
         return _decode_seeking(reader, probe, wanted)
     except (_IrregularStream, av.FFmpegError):
