@@ -17,10 +17,9 @@ def to_device(
     buffer lets the copy queue up like a kernel. The caching host allocator keeps the buffer
     alive until the copy has run.
     """
+    on_cpu = device.type == "cpu"
     if isinstance(values, torch.Tensor):
-        host = values.to(dtype)
+        host = values.to(dtype) if on_cpu else values.to(dtype).pin_memory()
     else:
-        host = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        host = torch.tensor(values, dtype=dtype, pin_memory=not on_cpu)
+    return host if on_cpu else host.to(device, non_blocking=True)

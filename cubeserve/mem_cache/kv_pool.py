@@ -37,12 +37,16 @@ class ReqToTokenPool:
     def free(self, row: int) -> None:
         self._free_rows.append(row)
 
-    def write(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
-        """Set ``table[rows[i], positions[i]] = slots[i]``; all three are host int64 tensors."""
+    def write(
+        self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set ``table[rows[i], positions[i]] = slots[i]`` (host int64 tensors); returns
+        ``positions`` and ``slots`` on the device, which the forward needs as well."""
         self._host_table[rows, positions] = slots
         device = self.device
-        index = (to_device(rows, torch.int64, device), to_device(positions, torch.int64, device))
-        self.req_to_token[index] = to_device(slots, torch.int64, device)
+        on_device = to_device(positions, torch.int64, device), to_device(slots, torch.int64, device)
+        self.req_to_token[to_device(rows, torch.int64, device), on_device[0]] = on_device[1]
+        return on_device
 
     def write_prefix(self, row: int, slots: torch.Tensor) -> None:
         """Make ``slots`` (host) the first ``len(slots)`` entries of ``row``."""

@@ -96,7 +96,7 @@ class ScheduleBatch:
 
         host_positions = torch.tensor(positions, dtype=torch.int64)
         host_rows = torch.tensor(rows, dtype=torch.int64)
-        req_to_token_pool.write(host_rows, host_positions, out_cache_loc)
+        positions_t, slots_t = req_to_token_pool.write(host_rows, host_positions, out_cache_loc)
         input_ids_t = to_device(input_ids, torch.int64, device)
         if pending_at:
             sampled = inflight.sample.next_ids[to_device(pending_rows, torch.int64, device)]
@@ -106,12 +106,12 @@ class ScheduleBatch:
             mode=self.mode,
             batch_size=len(self.reqs),
             input_ids=input_ids_t,
-            positions=to_device(host_positions, torch.int64, device),
+            positions=positions_t,
             req_pool_indices=to_device(
                 [req.req_pool_idx for req in self.reqs], torch.int64, device
             ),
             seq_lens=to_device(seq_lens, torch.int32, device),
-            out_cache_loc=to_device(out_cache_loc, torch.int64, device),
+            out_cache_loc=slots_t,
             seq_lens_cpu=seq_lens,
             req_to_token_pool=req_to_token_pool,
         )
