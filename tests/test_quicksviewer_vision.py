@@ -17,7 +17,7 @@ GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 if not GOLDEN.is_dir():
     pytest.skip(f"golden cases not found at {GOLDEN}", allow_module_level=True)
 
-from transformers import AutoConfig  # noqa: E402
+from transformers import AutoConfig, SiglipVisionConfig  # noqa: E402
 
 from cubeserve.configs import QuicksviewerConfig, load_quicksviewer_config  # noqa: E402
 from cubeserve.models.quicksviewer_vision import (  # noqa: E402
@@ -27,6 +27,7 @@ from cubeserve.models.quicksviewer_vision import (  # noqa: E402
     original_to_cubeserve_name,
     plan_segment_groups,
 )
+from cubeserve.models.siglip import SiglipVisionEmbeddings, resize_token_grid  # noqa: E402
 from cubeserve.tools.convert import convert, source_weight_files  # noqa: E402
 
 TOWER_ATOL = 1e-4
@@ -116,6 +117,38 @@ def test_vision_tower_chunking() -> None:
     finally:
         tower.max_batch_size = default_batch
     assert _max_err(chunked, case.tower_features) <= BATCHING_ATOL
+
+
+def _interpolated_tokens(tokens: torch.Tensor, grid: int, target: int) -> torch.Tensor:
+    n, _, dim = tokens.shape
+    maps = tokens.transpose(1, 2).reshape(n, dim, grid, grid)
+    maps = torch.nn.functional.interpolate(maps, size=(target, target), mode="bilinear", align_corners=False)
+    return maps.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("grid", [27, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_grid_resize_is_bilinear_interpolation(grid: int, dtype: torch.dtype) -> None:
+    """The matmul resize computes F.interpolate's bilinear map; 27 -> 24 (SigLIP-so400m at
+    384 px) has weights exact in bf16, so bf16 results are identical there."""
+    tokens = torch.randn(3, grid * grid, 40, generator=torch.Generator().manual_seed(grid)).to(dtype)
+    resized = resize_token_grid(tokens, grid, 24)
+    expected = _interpolated_tokens(tokens, grid, 24)
+    assert resized.shape == (3, 576, 40) and resized.dtype == dtype
+    if dtype == torch.bfloat16 and grid == 27:
+        assert torch.equal(resized, expected)
+    else:
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # one bf16 ulp at |x| < 4
+        assert _max_err(resized, expected) <= tolerance
+    assert resize_token_grid(tokens, 24, 24) is tokens
+
+
+def test_patch_tokens_are_contiguous() -> None:
+    """A transposed layout out of the patch embedding would run every residual add and
+    LayerNorm of the tower through strided copies (a third of its H100 time)."""
+    config = SiglipVisionConfig(hidden_size=32, image_size=56, patch_size=14, num_channels=3)
+    embeddings = SiglipVisionEmbeddings(config)
+    assert embeddings(torch.randn(2, 3, 56, 56)).is_contiguous()
 
 
 @pytest.mark.parametrize("name", VIDEO_CASES)

@@ -7,6 +7,8 @@ head are not built), resized to a fixed 24x24 grid.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,9 @@ class SiglipVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values)  # (N, D, g, g)
-        tokens = patches.flatten(2).transpose(1, 2)  # (N, g*g, D), row-major
+        # (N, g*g, D), row-major. Made contiguous here: a transposed layout would otherwise
+        # propagate through every residual add and force copies before every LayerNorm.
+        tokens = patches.flatten(2).transpose(1, 2).contiguous()
         return tokens + self.position_embedding.weight
 
 
@@ -114,14 +118,31 @@ class SiglipVisionTransformer(nn.Module):
         return self.encoder(self.embeddings(pixel_values))
 
 
+@functools.lru_cache(maxsize=8)
+def bilinear_resize_matrix(
+    grid: int, target: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(target*target, grid*grid) weights of ``F.interpolate(mode="bilinear",
+    align_corners=False)`` from a grid x grid to a target x target map, row-major; in ``dtype``
+    when it holds them exactly (27 -> 24 gives multiples of 1/256), else in float32."""
+    basis = torch.eye(grid * grid, dtype=torch.float64).view(-1, 1, grid, grid)
+    weights = F.interpolate(basis, size=(target, target), mode="bilinear", align_corners=False)
+    weights = weights.view(grid * grid, target * target).T.contiguous()
+    exact = torch.equal(weights.to(dtype).to(torch.float64), weights)
+    return weights.to(device, dtype if exact else torch.promote_types(dtype, torch.float32))
+
+
 def resize_token_grid(tokens: torch.Tensor, grid: int, target: int = FEATURE_GRID) -> torch.Tensor:
-    """Bilinearly resize (N, grid*grid, D) row-major tokens to (N, target*target, D)."""
+    """Bilinearly resize (N, grid*grid, D) row-major tokens to (N, target*target, D).
+
+    As one matmul with the interpolation weights, not ``F.interpolate`` on (N, D, g, g) maps,
+    whose CUDA kernel took 27 ms per 64 SigLIP-so400m frames on an H100, a sixth of the
+    tower's time.
+    """
     if grid == target:
         return tokens
-    n, _, dim = tokens.shape
-    maps = tokens.transpose(1, 2).reshape(n, dim, grid, grid)
-    maps = F.interpolate(maps, size=(target, target), mode="bilinear", align_corners=False)
-    return maps.flatten(2).transpose(1, 2).contiguous()
+    weights = bilinear_resize_matrix(grid, target, tokens.device, tokens.dtype)
+    return torch.matmul(weights, tokens.to(weights.dtype)).to(tokens.dtype)
 
 
 class SiglipVisionTower(nn.Module):
