@@ -17,18 +17,18 @@ GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 if not GOLDEN.is_dir():
     pytest.skip(f"golden cases not found at {GOLDEN}", allow_module_level=True)
 
-from transformers import AutoConfig, SiglipVisionConfig  # noqa: E402
+from transformers import AutoConfig, SiglipVisionConfig
 
-from cubeserve.configs import QuicksviewerConfig, load_quicksviewer_config  # noqa: E402
-from cubeserve.models.quicksviewer_vision import (  # noqa: E402
+from cubeserve.configs import QuicksviewerConfig, load_quicksviewer_config
+from cubeserve.models.quicksviewer_vision import (
     QuicksviewerVisionEncoder,
     is_vision_weight,
     num_cube_boundaries,
     original_to_cubeserve_name,
     plan_segment_groups,
 )
-from cubeserve.models.siglip import SiglipVisionEmbeddings, resize_token_grid  # noqa: E402
-from cubeserve.tools.convert import convert, source_weight_files  # noqa: E402
+from cubeserve.models.siglip import SiglipVisionEmbeddings, resize_token_grid
+from cubeserve.tools.convert import convert, source_weight_files
 
 TOWER_ATOL = 1e-4
 Z_ATOL = 1e-4
