@@ -95,3 +95,26 @@ def test_smoke_run_writes_one_complete_record(tmp_path: Path, capsys) -> None:
         assert serving["videos_per_min"] == pytest.approx(120 / serving["wall_s"], rel=0.05)
     assert set(record["speedup_vs_baseline"]) == {"ttft", "videos_per_min"}
     assert record["env"]["cpus"] >= 1 and record["env"]["device"]
+
+
+def test_vision_bench_times_every_stage_against_hf_siglip(tmp_path: Path, capsys) -> None:
+    from cubeserve.bench import vision
+
+    vision.main(
+        [
+            "--model-shape", "tiny-384", "--device", "cpu", "--frames", "6", "--repeats", "1",
+            "--save", "--results-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    (record,) = [json.loads(line) for line in (tmp_path / "vision.jsonl").read_text().splitlines()]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [json.loads(line) for line in printed] == [record]
+    assert (record["bench"], record["frames"], record["dtype"]) == ("vision", 6, "float32")
+    stages = record["cubeserve_ms"]
+    expected = {"upload_normalize", "tower", "cubing", "resampler", "thumbnail", "encode_video"}
+    assert set(stages) == expected
+    assert all(ms > 0 for ms in stages.values())
+    assert record["hf_ms"]["tower"] > 0 and record["speedup_vs_hf"]["tower"] > 0
+    # Same weights, same frames, fp32: the tower (27x27 grid resized to 24x24) is HF's.
+    assert record["tower_max_abs_diff_vs_hf"] < 1e-4
+    assert record["num_cubes"] >= 1

@@ -19,6 +19,7 @@ if not GOLDEN.is_dir():
 
 from transformers import AutoConfig, SiglipVisionConfig
 
+from cubeserve.bench.video import interpolate_token_grid
 from cubeserve.configs import QuicksviewerConfig, load_quicksviewer_config
 from cubeserve.models.quicksviewer_vision import (
     QuicksviewerVisionEncoder,
@@ -119,13 +120,6 @@ def test_vision_tower_chunking() -> None:
     assert _max_err(chunked, case.tower_features) <= BATCHING_ATOL
 
 
-def _interpolated_tokens(tokens: torch.Tensor, grid: int, target: int) -> torch.Tensor:
-    n, _, dim = tokens.shape
-    maps = tokens.transpose(1, 2).reshape(n, dim, grid, grid)
-    maps = torch.nn.functional.interpolate(maps, size=(target, target), mode="bilinear", align_corners=False)
-    return maps.flatten(2).transpose(1, 2)
-
-
 @pytest.mark.parametrize("grid", [27, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_grid_resize_is_bilinear_interpolation(grid: int, dtype: torch.dtype) -> None:
@@ -133,7 +127,7 @@ def test_token_grid_resize_is_bilinear_interpolation(grid: int, dtype: torch.dty
     384 px) has weights exact in bf16, so bf16 results are identical there."""
     tokens = torch.randn(3, grid * grid, 40, generator=torch.Generator().manual_seed(grid)).to(dtype)
     resized = resize_token_grid(tokens, grid, 24)
-    expected = _interpolated_tokens(tokens, grid, 24)
+    expected = interpolate_token_grid(tokens, grid, 24)
     assert resized.shape == (3, 576, 40) and resized.dtype == dtype
     if dtype == torch.bfloat16 and grid == 27:
         assert torch.equal(resized, expected)

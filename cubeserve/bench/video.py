@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import av
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import AutoModel
@@ -60,8 +61,11 @@ from cubeserve.configs.quicksviewer import (
 )
 from cubeserve.demo import ENDOFTEXT, IM_END, write_demo_tokenizer
 from cubeserve.engine.model_runner import resolve_device, resolve_dtype
-from cubeserve.models.quicksviewer_vision import QuicksviewerVisionEncoder, VideoEncoding
-from cubeserve.models.siglip import resize_token_grid
+from cubeserve.models.quicksviewer_vision import (
+    QuicksviewerVisionEncoder,
+    VideoEncoding,
+)
+from cubeserve.models.siglip import FEATURE_GRID
 from cubeserve.models.weights import load_model
 from cubeserve.multimodal.image import PixelNormalization, available_cpus
 from cubeserve.multimodal.processors.quicksviewer import (
@@ -379,6 +383,25 @@ def original_style_preprocess(
     return torch.from_numpy(np.stack(views))
 
 
+def interpolate_token_grid(
+    tokens: torch.Tensor, grid: int, target: int = FEATURE_GRID
+) -> torch.Tensor:
+    """The original's resize of (N, grid*grid, D) tokens: ``F.interpolate`` on (N, D, g, g)."""
+    if grid == target:
+        return tokens
+    n, _, dim = tokens.shape
+    maps = tokens.transpose(1, 2).reshape(n, dim, grid, grid)
+    maps = F.interpolate(maps, size=(target, target), mode="bilinear", align_corners=False)
+    return maps.flatten(2).transpose(1, 2).contiguous()
+
+
+def original_style_features(tower: nn.Module, pixels: torch.Tensor, grid: int) -> torch.Tensor:
+    """The original's LLaVA-style call of HF SigLIP: every layer's output kept, the last one
+    (before the post-layernorm) used, resized to the 24x24 grid."""
+    out = tower(pixel_values=pixels, output_hidden_states=True)
+    return interpolate_token_grid(out.hidden_states[-1], grid)
+
+
 class OriginalStyleModel:
     """The original's model path at full size with random weights: HF SigLIP over all frames in
     one call, cubing, the resampler one cube at a time, the thumbnail, and the HF LM's prefill
@@ -402,8 +425,7 @@ class OriginalStyleModel:
     @torch.inference_mode()
     def encode_video(self, pixel_values: torch.Tensor) -> VideoEncoding:
         pixels = pixel_values.to(self.device, self.dtype)
-        tokens = self.tower(pixel_values=pixels).last_hidden_state
-        features = resize_token_grid(tokens, self.grid)
+        features = original_style_features(self.tower, pixels, self.grid)
         cubing = self.encoder.cubing(features)
         times = torch.arange(features.shape[0], device=self.device)
         cubes = [

@@ -135,8 +135,9 @@ class ModelRunner:
         if tokens < 1:
             raise RuntimeError(
                 f"no {self.device} memory left for the KV cache ({budget / 2**30:.2f} GiB after "
-                "the weights and the activation reserve; is another process using it?): raise "
-                "--mem-fraction-static or set --max-total-tokens"
+                "the weights, the activation reserve and the vision encoder cache; is another "
+                "process using it?): raise --mem-fraction-static, lower --mm-encoder-cache-mb "
+                "or set --max-total-tokens"
             )
         return tokens
 
