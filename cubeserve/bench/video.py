@@ -749,16 +749,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run_in_scratch_dir(
+    name: str,
+    args: argparse.Namespace,
+    measure: Callable[[argparse.Namespace, ServerArgs, Path], dict[str, Any]],
+) -> None:
+    """Run a bench that writes its own checkpoint (random weights) and inputs into a scratch
+    directory, removed afterwards; emit its record as ``<name>.jsonl``."""
     if args.load_format != "dummy":
-        raise SystemExit("the video bench builds its own checkpoint: only --load-format dummy")
-    work = Path(tempfile.mkdtemp(prefix="cubeserve-video-bench-"))
+        raise SystemExit(f"the {name} bench builds its own checkpoint: only --load-format dummy")
+    work = Path(tempfile.mkdtemp(prefix=f"cubeserve-{name}-bench-"))
     try:
-        record = run(args, ServerArgs.from_cli_args(args), work)
+        record = measure(args, ServerArgs.from_cli_args(args), work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    emit(record, "video", args)
+    emit(record, name, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_in_scratch_dir("video", parse_args(argv), run)
 
 
 if __name__ == "__main__":

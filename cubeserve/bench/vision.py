@@ -20,9 +20,7 @@ One JSON line is printed (and appended to ``<results-dir>/vision.jsonl`` with ``
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,12 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from cubeserve.bench.common import add_common_args, emit, environment, ratio
+from cubeserve.bench.common import add_common_args, environment, ratio
 from cubeserve.bench.video import (
     MODEL_SHAPES,
     free_memory,
     original_style_features,
+    run_in_scratch_dir,
     timed,
     write_checkpoint,
 )
@@ -150,15 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.load_format != "dummy":
-        raise SystemExit("the vision bench builds its own checkpoint: only --load-format dummy")
-    work = Path(tempfile.mkdtemp(prefix="cubeserve-vision-bench-"))
-    try:
-        record = measure(args, ServerArgs.from_cli_args(args), work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    emit(record, "vision", args)
+    run_in_scratch_dir("vision", parse_args(argv), measure)
 
 
 if __name__ == "__main__":
