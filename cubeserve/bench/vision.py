@@ -57,6 +57,16 @@ def milliseconds(seconds: dict[str, float | None]) -> dict[str, float | None]:
     return {k: None if v is None else round(1000 * v, 2) for k, v in seconds.items()}
 
 
+def tower_flops_per_frame(vision_config) -> float:
+    """Matmul FLOPs of one frame through the SigLIP tower: patch embedding, then per layer the
+    q/k/v/out projections, the two MLP matmuls and attention's two (tokens x tokens) products."""
+    dim, inner = vision_config.hidden_size, vision_config.intermediate_size
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    patch = 2 * tokens * vision_config.num_channels * vision_config.patch_size**2 * dim
+    per_layer = 2 * tokens * (4 * dim * dim + 2 * dim * inner) + 4 * tokens * tokens * dim
+    return patch + vision_config.num_hidden_layers * per_layer
+
+
 def measure(args: argparse.Namespace, server_args: ServerArgs, work: Path) -> dict[str, Any]:
     model_dir = write_checkpoint(work / "model", MODEL_SHAPES[args.model_shape])
     config = load_quicksviewer_config(model_dir)
@@ -108,6 +118,9 @@ def measure(args: argparse.Namespace, server_args: ServerArgs, work: Path) -> di
         "dtype": str(dtype).removeprefix("torch."),
         "frames": args.frames,
         "num_cubes": len(cubing.frame_bounds),
+        "tower_tflop_per_s": round(
+            args.frames * tower_flops_per_frame(config.vision_config) / ours["tower"] / 1e12, 2
+        ),
         "cubeserve_ms": milliseconds(ours),
         "hf_ms": None if theirs is None else milliseconds(theirs),
         "speedup_vs_hf": None
