@@ -88,6 +88,12 @@ def test_smoke_run_writes_one_complete_record(tmp_path: Path, capsys) -> None:
     second = ours["second_turn"]
     assert second["ttft_s"] > 0 and second["encoder_cache_hits"] == 1
     assert second["cached_tokens"] >= record["prompt_tokens"]
+    streams = ours["streams_while_video_arrives"]
+    assert streams["streams"] == 2 and streams["video_ttft_s"] > 0
+    # Both streams decoded before the video came and kept decoding until its first token.
+    assert streams["itl_before_ms"]["count"] >= 2 and streams["itl_during_ms"]["count"] >= 2
+    assert 0 < streams["itl_during_ms"]["p50"] <= streams["itl_during_ms"]["max"]
+    assert streams["itl_during_ms"]["max"] <= 1000 * streams["video_ttft_s"]
     concurrent, one_at_a_time = ours["concurrent"], baseline["concurrent_one_at_a_time"]
     assert (concurrent["videos"], concurrent["output_len"]) == (2, 2)
     for serving in (concurrent, one_at_a_time):

@@ -7,8 +7,10 @@ shape with random weights (``--load-format dummy``: nothing is downloaded), and 
 * ``cubeserve``: end-to-end TTFT of the first turn (engine API, ``max_new_tokens=1``), its
   breakdown (decoding alone; decoding + resizing + hashing as the frontend runs them; vision
   encoding on the device; prefill, timed as a text prompt of the same length), the second
-  turn's TTFT on the same video (media, encoder and prefix caches), and ``--concurrency``
-  different videos sent at once (videos/min, p50/p90 TTFT);
+  turn's TTFT on the same video (media, encoder and prefix caches), the inter-token gaps of
+  ``--itl-streams`` text streams before and while another video of that length arrives (its
+  vision encoding runs one tower batch per engine step between their forwards), and
+  ``--concurrency`` different videos sent at once (videos/min, p50/p90 TTFT);
 * ``baseline``, the original's path in this process with the same shapes: sequential decoding
   of every frame with an RGB conversion each (OpenCV's read loop; timed on the first
   ``--baseline-decode-seconds`` and scaled to the whole file), per-frame PIL resize and numpy
@@ -31,10 +33,12 @@ CPU smoke run::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import gc
 import io
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -53,7 +57,16 @@ from torch import nn
 from transformers import AutoModel
 
 import cubeserve
-from cubeserve.bench.common import HFModel, add_common_args, emit, environment, ratio
+from cubeserve.bench import itl
+from cubeserve.bench.common import (
+    HFModel,
+    add_common_args,
+    emit,
+    environment,
+    random_prompts,
+    ratio,
+)
+from cubeserve.bench.serving import split_itls, summarize
 from cubeserve.configs.quicksviewer import (
     MM_SPECIAL_TOKENS,
     QuicksviewerConfig,
@@ -519,6 +532,41 @@ def measure_concurrency(
     return serving_summary(list(ttfts.values()), wall)
 
 
+async def streams_while_video_arrives(
+    engine: cubeserve.Engine, path: Path, args: argparse.Namespace, vocab_size: int
+) -> dict[str, Any]:
+    """``--itl-streams`` text streams decode while a video the engine has not seen arrives:
+    their inter-token gaps before it, and from its arrival to its first token (decoding in
+    the frontend, vision encoding one tower batch per engine step between the streams'
+    forwards, prefill)."""
+    rng = random.Random(args.seed)
+    stop = asyncio.Event()
+    prompts = random_prompts(rng, [64] * args.itl_streams, range(vocab_size))
+    streams = [
+        asyncio.create_task(itl.stream(engine, prompt, args.itl_stream_tokens, stop))
+        for prompt in prompts
+    ]
+    await asyncio.sleep(args.itl_baseline_seconds)
+    start = time.perf_counter()
+    await engine.async_generate(
+        messages=[video_message(path, args, "Describe what happens.")],
+        sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True},
+    )
+    end = time.perf_counter()
+    stop.set()
+    before, during = [], []
+    for times in await asyncio.gather(*streams):
+        gaps_before, gaps_during = split_itls(times.token_times, start, end)
+        before += gaps_before
+        during += gaps_during
+    return {
+        "streams": args.itl_streams,
+        "video_ttft_s": round(end - start, 4),
+        "itl_before_ms": rounded(summarize(before), 2),
+        "itl_during_ms": rounded(summarize(during), 2),
+    }
+
+
 def serving_summary(ttfts: Sequence[float], wall_seconds: float) -> dict[str, float]:
     return {
         "wall_s": round(wall_seconds, 4),
@@ -540,6 +588,7 @@ def one_at_a_time(seconds_per_request: float, num_requests: int) -> dict[str, fl
 @dataclass
 class BenchVideos:
     main: Path  # the TTFT video
+    fresh: Path  # as long as ``main``, other frames: sent while text streams decode
     warmup: Path
     concurrent: list[Path]
     codec: str
@@ -551,6 +600,7 @@ def write_videos(args: argparse.Namespace, directory: Path) -> BenchVideos:
     stretch = LoopedVideo(spec, num_gops=max(8, args.concurrency + 2), seed=args.seed)
     return BenchVideos(
         main=stretch.write(directory / "video.mp4", args.video_seconds),
+        fresh=stretch.write(directory / "fresh.mp4", args.video_seconds, first_gop=2),
         warmup=stretch.write(directory / "warmup.mp4", min(args.video_seconds, 8.0), first_gop=1),
         concurrent=[
             stretch.write(directory / f"concurrent_{i}.mp4", args.concurrent_seconds, 2 + i)
@@ -639,6 +689,13 @@ def measure_engine(
         rng = np.random.default_rng(args.seed)
         ids = rng.integers(0, config.text_config.vocab_size, prompt_tokens).tolist()
         prefill_s, _ = first_token(engine, input_ids=ids)
+        streams = None
+        if args.itl_streams:
+            log(f"{args.itl_streams} text streams while a new video arrives")
+            vocab_size = config.text_config.vocab_size
+            streams = asyncio.run(
+                streams_while_video_arrives(engine, videos.fresh, args, vocab_size)
+            )
         concurrent = None
         if videos.concurrent:
             log(f"{len(videos.concurrent)} different videos at once")
@@ -658,6 +715,7 @@ def measure_engine(
             "encoder_cache_hits": after.encoder_cache_hits - before.encoder_cache_hits,
         },
         "concurrent": concurrent,
+        "streams_while_video_arrives": streams,
     }
 
 
@@ -706,6 +764,7 @@ def run(args: argparse.Namespace, server_args: ServerArgs, work: Path) -> dict[s
                 }
             ),
             "second_turn": served["second_turn"],
+            "streams_while_video_arrives": served["streams_while_video_arrives"],
             "concurrent": concurrent,
         },
         "baseline": {
@@ -741,6 +800,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--gop", type=int, default=30, help="frames per GOP (keyframe interval)")
     add("--sample-fps", type=float, default=1.0, help="frames sampled per second of video")
     add("--max-frames", type=int, default=420)
+    add("--itl-streams", type=int, default=2,
+        help="text streams decoding while a new video arrives (0: skip)")  # fmt: skip
+    add("--itl-stream-tokens", type=int, default=4096, help="their max_new_tokens (they are "
+        "stopped when the video's first token is back)")  # fmt: skip
+    add("--itl-baseline-seconds", type=float, default=1.0,
+        help="how long the streams decode before the video arrives")  # fmt: skip
     add("--concurrency", type=int, default=16, help="different videos sent at once (0: skip)")
     add("--concurrent-seconds", type=float, default=60.0, help="length of each of those videos")
     add("--output-len", type=int, default=16, help="tokens generated per concurrent request")
