@@ -24,10 +24,10 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cubeserve
 from cubeserve.bench.common import (
@@ -43,6 +43,7 @@ from cubeserve.bench.serving import split_itls, summarize
 from cubeserve.server_args import ServerArgs
 
 MODES = {"prefill_only": False, "mixed": True}  # report key -> --enable-mixed-chunk
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,42 @@ async def stream(
     return times
 
 
+@dataclass
+class StreamWindow:
+    """Running streams' chunk gaps before and during an injection window."""
+
+    start: float
+    end: float
+    before: list[float]  # gaps (s) ending by ``start``
+    during: list[float]  # gaps (s) ending in ``(start, end]``
+    streams: list[StreamTimes]
+
+
+async def streams_around(
+    engine: cubeserve.Engine,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    baseline_s: float,
+    inject: Callable[[], Awaitable[T]],
+) -> tuple[T, StreamWindow]:
+    """Stream ``prompts`` for ``baseline_s``, then await ``inject()`` while they keep decoding;
+    the streams stop when it returns. Returns its result and the streams' gaps around it."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(stream(engine, p, max_new_tokens, stop)) for p in prompts]
+    await asyncio.sleep(baseline_s)
+    start = time.perf_counter()
+    result = await inject()
+    end = time.perf_counter()
+    stop.set()
+    streams = list(await asyncio.gather(*tasks))
+    window = StreamWindow(start, end, [], [], streams)
+    for times in streams:
+        before, during = split_itls(times.token_times, start, end)
+        window.before += before
+        window.during += during
+    return result, window
+
+
 async def measure(
     engine: cubeserve.Engine, workload: Workload, rng: random.Random, vocab: Sequence[int]
 ) -> dict[str, Any]:
@@ -100,38 +137,31 @@ async def measure(
         input_ids=random_prompts(rng, [workload.inject_input_len], vocab)[0],
         sampling_params={"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
     )
-    stop = asyncio.Event()
-    streams = [
-        asyncio.create_task(stream(engine, prompt, workload.stream_output_len, stop))
-        for prompt in random_prompts(rng, [workload.stream_input_len] * workload.streams, vocab)
-    ]
-    await asyncio.sleep(workload.baseline_s)
-    window_start = time.perf_counter()
-    injected = []
-    lengths = [workload.inject_input_len] * workload.inject_requests
-    for prompt in random_prompts(rng, lengths, vocab):
-        injected.append(asyncio.create_task(stream(engine, prompt, workload.inject_output_len)))
-        await asyncio.sleep(workload.inject_interval_s)
-    injected_times = await asyncio.gather(*injected)
-    window_end = time.perf_counter()
-    stop.set()
-    stream_times = await asyncio.gather(*streams)
 
-    baseline, injection = [], []
-    for times in stream_times:
-        before, inside = split_itls(times.token_times, window_start, window_end)
-        baseline += before
-        injection += inside
-    baseline_ms, injection_ms = summarize(baseline), summarize(injection)
+    async def inject() -> list[StreamTimes]:
+        injected = []
+        lengths = [workload.inject_input_len] * workload.inject_requests
+        for prompt in random_prompts(rng, lengths, vocab):
+            injected.append(asyncio.create_task(stream(engine, prompt, workload.inject_output_len)))
+            await asyncio.sleep(workload.inject_interval_s)
+        return list(await asyncio.gather(*injected))
+
+    prompts = random_prompts(rng, [workload.stream_input_len] * workload.streams, vocab)
+    injected_times, window = await streams_around(
+        engine, prompts, workload.stream_output_len, workload.baseline_s, inject
+    )
+    baseline_ms, injection_ms = summarize(window.before), summarize(window.during)
     return {
         "baseline_itl_ms": baseline_ms,
         "injection_itl_ms": injection_ms,
         "injection_over_baseline": {
             key: ratio(injection_ms[key], baseline_ms[key]) for key in ("p50", "p99", "max")
         },
-        "injection_s": round(window_end - window_start, 3),
+        "injection_s": round(window.end - window.start, 3),
         "injected_ttft_ms": summarize([t.token_times[0] - t.start for t in injected_times]),
-        "streams_outlived_injection": sum(t.token_times[-1] >= window_end for t in stream_times),
+        "streams_outlived_injection": sum(
+            t.token_times[-1] >= window.end for t in window.streams
+        ),
     }
 
 

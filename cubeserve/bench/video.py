@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,7 +66,7 @@ from cubeserve.bench.common import (
     random_prompts,
     ratio,
 )
-from cubeserve.bench.serving import split_itls, summarize
+from cubeserve.bench.serving import summarize
 from cubeserve.configs.quicksviewer import (
     MM_SPECIAL_TOKENS,
     QuicksviewerConfig,
@@ -539,31 +539,22 @@ async def streams_while_video_arrives(
     their inter-token gaps before it, and from its arrival to its first token (decoding in
     the frontend, vision encoding one tower batch per engine step between the streams'
     forwards, prefill)."""
-    rng = random.Random(args.seed)
-    stop = asyncio.Event()
-    prompts = random_prompts(rng, [64] * args.itl_streams, range(vocab_size))
-    streams = [
-        asyncio.create_task(itl.stream(engine, prompt, args.itl_stream_tokens, stop))
-        for prompt in prompts
-    ]
-    await asyncio.sleep(args.itl_baseline_seconds)
-    start = time.perf_counter()
-    await engine.async_generate(
-        messages=[video_message(path, args, "Describe what happens.")],
-        sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True},
+    prompts = random_prompts(random.Random(args.seed), [64] * args.itl_streams, range(vocab_size))
+
+    def video_request() -> Awaitable[dict[str, Any]]:
+        return engine.async_generate(
+            messages=[video_message(path, args, "Describe what happens.")],
+            sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True},
+        )
+
+    _, window = await itl.streams_around(
+        engine, prompts, args.itl_stream_tokens, args.itl_baseline_seconds, video_request
     )
-    end = time.perf_counter()
-    stop.set()
-    before, during = [], []
-    for times in await asyncio.gather(*streams):
-        gaps_before, gaps_during = split_itls(times.token_times, start, end)
-        before += gaps_before
-        during += gaps_during
     return {
         "streams": args.itl_streams,
-        "video_ttft_s": round(end - start, 4),
-        "itl_before_ms": rounded(summarize(before), 2),
-        "itl_during_ms": rounded(summarize(during), 2),
+        "video_ttft_s": round(window.end - window.start, 4),
+        "itl_before_ms": rounded(summarize(window.before), 2),
+        "itl_during_ms": rounded(summarize(window.during), 2),
     }
 
 
