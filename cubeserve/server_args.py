@@ -51,6 +51,8 @@ class ServerArgs:
     # Vision encodings kept by the engine on the model's device, within --mem-fraction-static
     # (the KV pool gets that much less); 0 disables, and media then always travel as pixels.
     mm_encoder_cache_mb: int = 2048
+    # Frames per vision-tower call: also what the engine encodes per step while others decode.
+    vision_batch_size: int = 64
     max_request_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
 
@@ -74,6 +76,8 @@ class ServerArgs:
             raise ValueError("--mm-processor-cache-mb must be >= 0")
         if self.mm_encoder_cache_mb < 0:
             raise ValueError("--mm-encoder-cache-mb must be >= 0")
+        if self.vision_batch_size < 1:
+            raise ValueError("--vision-batch-size must be >= 1")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
 
@@ -121,6 +125,9 @@ class ServerArgs:
         add("--mm-encoder-cache-mb", type=int, default=2048,
             help="vision encodings kept on the GPU for repeat requests (MiB, taken from "
             "--mem-fraction-static's share); 0 disables")
+        add("--vision-batch-size", type=int, default=64,
+            help="frames per vision-tower call, and per scheduler step while other requests "
+            "decode: smaller keeps their token gaps shorter, larger encodes a video faster")
         add("--max-request-bytes", type=int, default=64 * 1024 * 1024)
         add("--log-level", default="info")
 

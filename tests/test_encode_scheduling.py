@@ -31,10 +31,10 @@ def greedy(max_new_tokens: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def scheduler() -> Scheduler:
-    args = ServerArgs(model_path=str(MODEL), dtype="float32", max_total_tokens=8192)
-    scheduler = build_scheduler(args)
-    scheduler.runner.model.vision.vision_tower.max_batch_size = TOWER_BATCH
-    return scheduler
+    args = ServerArgs(
+        model_path=str(MODEL), dtype="float32", max_total_tokens=8192, vision_batch_size=TOWER_BATCH
+    )
+    return build_scheduler(args)
 
 
 @pytest.fixture
@@ -170,3 +170,15 @@ def test_a_by_reference_request_whose_encoder_was_aborted_asks_for_the_pixels(
     assert not scheduler.encoding and not scheduler.mm_encoder.encoding_now
     assert scheduler.flush_cache()
     assert scheduler.allocator.used_size() == 0
+
+
+def test_vision_batch_size_flag(scheduler: Scheduler) -> None:
+    from cubeserve.launch_server import parse_server_args
+
+    assert parse_server_args([]).vision_batch_size == 64
+    assert parse_server_args(["--vision-batch-size", "16"]).vision_batch_size == 16
+    with pytest.raises(ValueError, match="--vision-batch-size must be >= 1"):
+        ServerArgs(vision_batch_size=0)
+    # The fixture's flag sets the tower's own batch, so whole and step-wise encodings agree.
+    assert scheduler.mm_encoder.tower_batch == TOWER_BATCH
+    assert scheduler.runner.model.vision.vision_tower.max_batch_size == TOWER_BATCH

@@ -80,20 +80,30 @@ def encoder_cache_bytes(server_args: ServerArgs, model: torch.nn.Module) -> int:
 
 
 def create_encode_stage(
-    model: torch.nn.Module, cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES
+    model: torch.nn.Module,
+    cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES,
+    vision_batch_size: int = ServerArgs.vision_batch_size,
 ) -> MultimodalEncodeStage | None:
     """The scheduler's ``mm_encoder`` for ``model`` with an encoder cache of ``cache_bytes``
-    (0 disables it); None for text-only models."""
-    return MultimodalEncodeStage(model, cache_bytes) if accepts_media(model) else None
+    (0 disables it) and ``vision_batch_size`` frames per vision-tower call; None for
+    text-only models."""
+    if not accepts_media(model):
+        return None
+    return MultimodalEncodeStage(model, cache_bytes, vision_batch_size)
 
 
 class MultimodalEncodeStage:
     """The scheduler's ``mm_encoder`` for Quicksviewer models."""
 
     def __init__(
-        self, model: QuicksviewerForCausalLM, cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES
+        self,
+        model: QuicksviewerForCausalLM,
+        cache_bytes: int = DEFAULT_ENCODER_CACHE_BYTES,
+        vision_batch_size: int = ServerArgs.vision_batch_size,
     ) -> None:
         self.model = model
+        # The tower's own batch: encoding at once or a batch per step gives the same features.
+        model.vision.vision_tower.max_batch_size = vision_batch_size
         self.vocab_size = model.config.text_config.vocab_size
         self.num_queries = model.config.num_queries
         param = next(model.vision.parameters())

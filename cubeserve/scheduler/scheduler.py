@@ -103,7 +103,9 @@ class Scheduler:
         self.overlap = use_overlap_schedule(server_args, model_runner.device)
         self.max_queued_requests = server_args.max_queued_requests
         self.mm_encoder = create_encode_stage(
-            model_runner.model, encoder_cache_bytes(server_args, model_runner.model)
+            model_runner.model,
+            encoder_cache_bytes(server_args, model_runner.model),
+            server_args.vision_batch_size,
         )
 
         self.encoding: list[EncodeJob] = []  # requests whose media are being encoded, FCFS
