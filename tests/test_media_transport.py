@@ -54,6 +54,18 @@ def test_pixel_file_round_trip_reads_once(tmp_path: Path) -> None:
         pixel_file.read_once()
 
 
+def test_pixels_read_from_a_file_are_writable_and_outlive_its_name(tmp_path: Path) -> None:
+    """The engine maps the file (no read copy): its name goes at once, the pixels stay valid
+    and can be handed to torch as a writable array."""
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    pixel_file = PixelFile.write(tmp_path, pixels)
+    read = pixel_file.read_once()
+    assert not Path(pixel_file.path).exists() and read.flags.writeable
+    np.testing.assert_array_equal(torch.from_numpy(read[1:]).numpy(), pixels[1:])
+    empty = PixelFile.write(tmp_path, np.zeros((0, 8, 8, 3), dtype=np.uint8)).read_once()
+    assert empty.shape == (0, 8, 8, 3) and not list(tmp_path.iterdir())
+
+
 def test_first_send_goes_by_file_and_repeats_by_reference() -> None:
     sender = MediaSender()
     item = media_item(1)

@@ -19,6 +19,7 @@ carries requests, it costs seconds; so the frontend sends media one of two other
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
 import threading
@@ -58,13 +59,20 @@ class PixelFile:
         return cls(str(path), tuple(pixels.shape))
 
     def read_once(self) -> np.ndarray:
-        """The pixels; the file is deleted. Raises ``MediaNotCachedError`` when it is gone."""
+        """The pixels; the file is deleted. Raises ``MediaNotCachedError`` when it is gone.
+
+        The file is mapped, not read: its shared-memory pages are copied once, when a batch of
+        them goes to the device, and freed when the array is dropped (the name goes now).
+        """
         try:
-            pixels = np.fromfile(self.path, dtype=np.uint8)
+            if math.prod(self.shape) == 0:  # an empty file cannot be mapped
+                pixels = np.empty(self.shape, dtype=np.uint8)
+            else:  # copy-on-write: writable for torch.from_numpy, and nothing is ever written
+                pixels = np.memmap(self.path, dtype=np.uint8, mode="c", shape=self.shape)
         except FileNotFoundError:
             raise MediaNotCachedError(f"media file {self.path} is gone") from None
         Path(self.path).unlink(missing_ok=True)
-        return pixels.reshape(self.shape)
+        return pixels
 
 
 # (kind, content hash): the engine's encoder-cache key. The hash covers the exact pixels the
