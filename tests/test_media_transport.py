@@ -305,3 +305,52 @@ def test_a_request_cancelled_while_its_pixels_are_written_is_abandoned(
         assert list(Path(pixels.path).parent.iterdir()) == [Path(pixels.path)]
     finally:
         sender.close()  # frees a waiter left behind by a failure
+
+
+def test_full_shared_memory_spills_pixel_files_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's small /dev/shm fills up: the pixels go through a disk file instead of
+    failing the request, and no partial file is left in shared memory."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(transport, "_SHARED_MEMORY_DIR", shm)
+    monkeypatch.setattr(transport.tempfile, "tempdir", str(tmp_path / "disk"))
+    (tmp_path / "disk").mkdir()
+    real_tofile = np.ndarray.tofile
+
+    class FullSharedMemory(np.ndarray):
+        def tofile(self, path, *args, **kwargs):  # type: ignore[override]
+            if Path(path).parent.parent == shm:
+                Path(path).write_bytes(b"partial")
+                raise OSError(28, "No space left on device")
+            return real_tofile(self, path, *args, **kwargs)
+
+    def contiguous(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+        return np.asarray(array, dtype).view(FullSharedMemory)
+
+    monkeypatch.setattr(transport.np, "ascontiguousarray", contiguous)
+    sender = MediaSender()
+    item = media_item(0)
+    wire = send(sender, request("a", item))
+    (pixel_file,) = pixels_sent(wire)
+    assert Path(pixel_file.path).parent.parent == tmp_path / "disk"
+    assert not any(path.is_file() for path in shm.rglob("*"))  # the partial file is gone
+    np.testing.assert_array_equal(pixel_file.read_once(), item.pixels)
+    sender.close()
+    assert not any((tmp_path / "disk").iterdir()) and not any(shm.iterdir())
+
+
+def test_other_write_errors_are_not_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transport, "_SHARED_MEMORY_DIR", tmp_path)
+
+    def failing(directory: Path, pixels: np.ndarray) -> PixelFile:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(PixelFile, "write", failing)
+    sender = MediaSender()
+    with pytest.raises(PermissionError):
+        send(sender, request("a", media_item(0)))
+    sender.close()

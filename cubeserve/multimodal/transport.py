@@ -19,6 +19,8 @@ carries requests, it costs seconds; so the frontend sends media one of two other
 from __future__ import annotations
 
 import dataclasses
+import errno
+import logging
 import math
 import shutil
 import tempfile
@@ -40,6 +42,8 @@ MAX_REMEMBERED_MEDIA = 4096
 IN_FLIGHT_WAIT_S = 60.0
 _SHARED_MEMORY_DIR = Path("/dev/shm")
 
+logger = logging.getLogger(__name__)
+
 
 class MediaNotCachedError(LookupError):
     """A request names media by reference that the engine's encoder cache no longer holds."""
@@ -55,7 +59,11 @@ class PixelFile:
     @classmethod
     def write(cls, directory: Path, pixels: np.ndarray) -> PixelFile:
         path = directory / f"{uuid.uuid4().hex}.u8"
-        np.ascontiguousarray(pixels, dtype=np.uint8).tofile(path)
+        try:
+            np.ascontiguousarray(pixels, dtype=np.uint8).tofile(path)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a partial file, e.g. the device filled up
+            raise
         return cls(str(path), tuple(pixels.shape))
 
     def read_once(self) -> np.ndarray:
@@ -110,6 +118,7 @@ class MediaSender:
         self.by_reference = by_reference
         self._lock = threading.Lock()
         self._directory: Path | None = None  # made at the first pixel file
+        self._spill_directory: Path | None = None  # on disk, made when shared memory is full
         self._engine_has: OrderedDict[MediaKey, None] = OrderedDict()
         # Media whose pixels some request is writing or about to send; set once it is sent
         # (or abandoned).
@@ -178,9 +187,10 @@ class MediaSender:
                 event.set()
             self._in_flight.clear()
             self._claims.clear()
-            if self._directory is not None:
-                shutil.rmtree(self._directory, ignore_errors=True)
-                self._directory = None
+            for directory in (self._directory, self._spill_directory):
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+            self._directory = self._spill_directory = None
 
     def _wire_form(self, req: Any, all_by_file: bool) -> Any:
         media = req.mm_inputs.media
@@ -201,7 +211,7 @@ class MediaSender:
         try:  # the slow part, outside the lock
             for item, file in zip(media, by_file):
                 if file:
-                    pixel_file = PixelFile.write(directory, item.pixels)
+                    pixel_file = self._write(directory, item.pixels)
                     written.append(Path(pixel_file.path))
                     wire_media.append(dataclasses.replace(item, pixels=pixel_file))
                 else:
@@ -219,6 +229,27 @@ class MediaSender:
             self._files.setdefault(req.rid, []).extend(written)
             self._claims[id(wire)] = (wire, claims)
         return wire
+
+    def _write(self, directory: Path, pixels: np.ndarray) -> PixelFile:
+        """A pixel file in ``directory``, or on disk when that is shared memory and full
+        (containers often get only 64 MB of /dev/shm)."""
+        try:
+            return PixelFile.write(directory, pixels)
+        except OSError as err:
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            if not full or directory.parent != _SHARED_MEMORY_DIR:
+                raise
+        with self._lock:
+            if self._spill_directory is None:
+                self._spill_directory = Path(tempfile.mkdtemp(prefix="cubeserve-media-"))
+                logger.warning(
+                    "%s is full: media pixels go through %s on disk, which is slower; give "
+                    "the server more shared memory (docker run --shm-size)",
+                    _SHARED_MEMORY_DIR,
+                    self._spill_directory,
+                )
+            spill = self._spill_directory
+        return PixelFile.write(spill, pixels)
 
     def _plan(
         self, rid: str, media: list[Any], all_by_file: bool
