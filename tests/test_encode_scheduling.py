@@ -130,15 +130,26 @@ def test_running_requests_decode_while_a_video_is_encoded_batch_by_batch(
     assert results["video"][-1].prompt_tokens == alone["reference"][-1].prompt_tokens
 
 
+def owner_and_borrower(
+    scheduler: Scheduler,
+    results: dict[str, list[TokenOutput]],
+    frames: np.ndarray,
+    owner: str,
+    borrower: str,
+) -> None:
+    """A stream ("busy") keeps the engine busy; then ``owner`` brings new frames and
+    ``borrower`` the same frames by reference."""
+    scheduler.add_request(text_req("busy"))
+    step(scheduler, results)
+    scheduler.add_request(video_req(owner, frames))
+    scheduler.add_request(video_req(borrower, frames, by_reference=True))
+
+
 def test_a_by_reference_request_waits_for_the_job_encoding_its_video(
     scheduler, tower_calls
 ) -> None:
-    frames = fresh_frames(3)
     results: dict[str, list[TokenOutput]] = {}
-    scheduler.add_request(text_req("busy"))
-    step(scheduler, results)
-    scheduler.add_request(video_req("first", frames))
-    scheduler.add_request(video_req("second", frames, by_reference=True))
+    owner_and_borrower(scheduler, results, fresh_frames(3), "first", "second")
     assert [job.req.rid for job in scheduler.encoding] == ["first", "second"]
     for _ in range(NUM_TOWER_BATCHES + 2):
         step(scheduler, results)
@@ -152,12 +163,8 @@ def test_a_by_reference_request_waits_for_the_job_encoding_its_video(
 def test_a_by_reference_request_whose_encoder_was_aborted_asks_for_the_pixels(
     scheduler, tower_calls
 ) -> None:
-    frames = fresh_frames(4)
     results: dict[str, list[TokenOutput]] = {}
-    scheduler.add_request(text_req("busy"))
-    step(scheduler, results)
-    scheduler.add_request(video_req("owner", frames))
-    scheduler.add_request(video_req("borrower", frames, by_reference=True))
+    owner_and_borrower(scheduler, results, fresh_frames(4), "owner", "borrower")
     step(scheduler, results)  # the owner's first tower batch
     scheduler.abort_request("owner")
     step(scheduler, results)

@@ -215,16 +215,24 @@ def test_pixel_files_of_different_media_are_written_concurrently(blocked_writes)
     sender.close()
 
 
-def test_same_new_media_sent_concurrently_is_referenced_only_after_the_first_send(
-    blocked_writes,
-) -> None:
-    sender = MediaSender()
-    item = media_item(14)
+def concurrent_sends(
+    sender: MediaSender, blocked_writes: Any, item: MediaItem
+) -> tuple[list[Any], threading.Thread, list[Any]]:
+    """Request "a" starts writing ``item``'s pixels, "b" showing it too starts meanwhile, then
+    a's write completes. Returns a's result, b's thread and b's result (still being made)."""
     first_thread, first = in_thread(sender.wire_form, request("a", item))
     assert blocked_writes.wait_started(1)
     second_thread, second = in_thread(sender.wire_form, request("b", item))
     blocked_writes.proceed.set()
     first_thread.join(30)
+    return first, second_thread, second
+
+
+def test_same_new_media_sent_concurrently_is_referenced_only_after_the_first_send(
+    blocked_writes,
+) -> None:
+    sender = MediaSender()
+    first, second_thread, second = concurrent_sends(sender, blocked_writes, media_item(14))
     (pixels,) = pixels_sent(first[0])
     assert isinstance(pixels, PixelFile)
     # The first request is written but not sent: a reference could overtake its pixels.
@@ -238,12 +246,7 @@ def test_same_new_media_sent_concurrently_is_referenced_only_after_the_first_sen
 
 def test_a_request_waiting_for_abandoned_media_sends_them_itself(blocked_writes) -> None:
     sender = MediaSender()
-    item = media_item(15)
-    first_thread, first = in_thread(sender.wire_form, request("a", item))
-    assert blocked_writes.wait_started(1)
-    second_thread, second = in_thread(sender.wire_form, request("b", item))
-    blocked_writes.proceed.set()
-    first_thread.join(30)
+    first, second_thread, second = concurrent_sends(sender, blocked_writes, media_item(15))
     assert second_thread.is_alive() and not second
     sender.abandon(first[0])  # e.g. its client went away before it was sent
     second_thread.join(30)
