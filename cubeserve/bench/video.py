@@ -579,7 +579,7 @@ def one_at_a_time(seconds_per_request: float, num_requests: int) -> dict[str, fl
 @dataclass
 class BenchVideos:
     main: Path  # the TTFT video
-    fresh: Path  # as long as ``main``, other frames: sent while text streams decode
+    fresh: Path | None  # as long as ``main``, other frames: sent while text streams decode
     warmup: Path
     concurrent: list[Path]
     codec: str
@@ -591,7 +591,9 @@ def write_videos(args: argparse.Namespace, directory: Path) -> BenchVideos:
     stretch = LoopedVideo(spec, num_gops=max(8, args.concurrency + 2), seed=args.seed)
     return BenchVideos(
         main=stretch.write(directory / "video.mp4", args.video_seconds),
-        fresh=stretch.write(directory / "fresh.mp4", args.video_seconds, first_gop=2),
+        fresh=stretch.write(directory / "fresh.mp4", args.video_seconds, first_gop=2)
+        if args.itl_streams
+        else None,
         warmup=stretch.write(directory / "warmup.mp4", min(args.video_seconds, 8.0), first_gop=1),
         concurrent=[
             stretch.write(directory / f"concurrent_{i}.mp4", args.concurrent_seconds, 2 + i)
@@ -681,7 +683,7 @@ def measure_engine(
         ids = rng.integers(0, config.text_config.vocab_size, prompt_tokens).tolist()
         prefill_s, _ = first_token(engine, input_ids=ids)
         streams = None
-        if args.itl_streams:
+        if videos.fresh is not None:
             log(f"{args.itl_streams} text streams while a new video arrives")
             vocab_size = config.text_config.vocab_size
             streams = asyncio.run(
