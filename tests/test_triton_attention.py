@@ -16,6 +16,7 @@ from cubeserve.attention import triton_kernels
 from cubeserve.attention.base import create_attention_backend
 from cubeserve.attention.triton_backend import (
     MAX_KV_SPLITS,
+    MIN_KV_SPLITS,
     TritonAttentionBackend,
     max_kv_splits,
 )
@@ -67,9 +68,19 @@ def random_cache(num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.
     )
 
 
+# Small key blocks and chunks split these lengths into whole-block chunks, some requests into
+# fewer chunks than the scratch holds (129 -> 48 + 48 + 33 of 4).
+SMALL_BLOCKS = triton_kernels.DecodeConfig(block_n=16, min_split=16, num_warps=2, num_stages=1)
+
+
+@pytest.mark.parametrize("config", [None, SMALL_BLOCKS], ids=["default", "small-blocks"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", HEAD_LAYOUTS)
-def test_decode_kernel_matches_reference(layout: tuple[int, int, int], dtype: torch.dtype) -> None:
+def test_decode_kernel_matches_reference(
+    layout: tuple[int, int, int],
+    dtype: torch.dtype,
+    config: triton_kernels.DecodeConfig | None,
+) -> None:
     num_heads, num_kv_heads, head_dim = layout
     seq_lens = [1, 63, 200, 129]  # 1 chunk ... several chunks, and a chunk-boundary straddle
     num_slots = sum(seq_lens) + 7
@@ -98,6 +109,7 @@ def test_decode_kernel_matches_reference(layout: tuple[int, int, int], dtype: to
         partial_out,
         partial_lse,
         scale,
+        config,
     )
     for i, row_slots in enumerate(slots):
         expected = reference_attention(
@@ -276,9 +288,13 @@ def test_decode_ignores_host_lengths() -> None:
 
 def test_max_kv_splits_fills_the_device() -> None:
     assert max_kv_splits(1, 4, 132) == MAX_KV_SPLITS
-    assert max_kv_splits(32, 4, 132) == 4
-    assert max_kv_splits(64, 8, 132) == 1
-    assert max_kv_splits(3, 2, 4) == 2
+    assert max_kv_splits(16, 4, 132) == 8
+    assert max_kv_splits(3, 2, 16) == 8
+
+
+def test_max_kv_splits_keeps_splitting_full_batches() -> None:
+    assert max_kv_splits(64, 8, 132) == MIN_KV_SPLITS
+    assert max_kv_splits(256, 4, 132) == MIN_KV_SPLITS
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a GPU")

@@ -98,6 +98,15 @@ def _attend_keys(
 
 
 @triton.jit
+def _split_len(seq_len, max_kv_splits, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens per decode chunk of a request: its context over at most ``max_kv_splits`` chunks
+    of at least ``MIN_SPLIT`` tokens, rounded up to whole key blocks so that only a request's
+    last block is partial."""
+    num_splits = tl.minimum(tl.cdiv(seq_len, MIN_SPLIT), max_kv_splits)
+    return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _decode_partial_kernel(
     Q,
     K_Buffer,
@@ -130,8 +139,7 @@ def _decode_partial_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(Seq_Lens + batch)
-    num_splits = tl.minimum(tl.cdiv(seq_len, MIN_SPLIT), max_kv_splits)
-    split_len = tl.cdiv(seq_len, num_splits)
+    split_len = _split_len(seq_len, max_kv_splits, MIN_SPLIT, BLOCK_N)
     kv_start = split * split_len
     kv_end = tl.minimum(kv_start + split_len, seq_len)
     if kv_start >= kv_end:
@@ -194,14 +202,15 @@ def _decode_merge_kernel(
     stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
 ):
     batch = tl.program_id(0)
     head = tl.program_id(1)
 
     seq_len = tl.load(Seq_Lens + batch)
-    num_splits = tl.minimum(tl.cdiv(seq_len, MIN_SPLIT), max_kv_splits)
-    split_len = tl.cdiv(seq_len, num_splits)
+    split_len = _split_len(seq_len, max_kv_splits, MIN_SPLIT, BLOCK_N)
+    num_splits = tl.cdiv(seq_len, split_len)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     first_row = (batch * num_heads + head) * max_kv_splits
@@ -210,15 +219,14 @@ def _decode_merge_kernel(
     total = 0.0
     acc = tl.zeros([BLOCK_D], tl.float32)
     for split in range(num_splits):
-        if split * split_len < seq_len:  # the partial kernel skipped empty chunks
-            lse = tl.load(Partial_Lse + first_row + split)
-            part = tl.load(Partial_Out + (first_row + split) * HEAD_DIM + offs_d, mask=mask_d)
-            m_new = tl.maximum(m, lse)
-            rescale = tl.exp2(m - m_new)
-            weight = tl.exp2(lse - m_new)
-            acc = acc * rescale + weight * part
-            total = total * rescale + weight
-            m = m_new
+        lse = tl.load(Partial_Lse + first_row + split)
+        part = tl.load(Partial_Out + (first_row + split) * HEAD_DIM + offs_d, mask=mask_d)
+        m_new = tl.maximum(m, lse)
+        rescale = tl.exp2(m - m_new)
+        weight = tl.exp2(lse - m_new)
+        acc = acc * rescale + weight * part
+        total = total * rescale + weight
+        m = m_new
 
     tl.store(
         Out + batch * stride_ob + head * stride_oh + offs_d,
@@ -341,6 +349,22 @@ def _extend_kernel(
     )
 
 
+class DecodeConfig(NamedTuple):
+    block_n: int  # keys per loop iteration
+    min_split: int  # fewest keys in one flash-decoding chunk
+    num_warps: int
+    num_stages: int
+
+
+def default_decode_config(head_dim: int) -> DecodeConfig:
+    # Best of a sweep on H100 (bf16, 28/4 heads, head_dim 128, batches of 1-192 with mixed
+    # context lengths): 128-key blocks with three stages in flight keep more gathered K/V
+    # loads outstanding; 8% faster than 64-key blocks with two stages at batch 136.
+    if _block_d(head_dim) <= 128:
+        return DecodeConfig(block_n=128, min_split=MIN_TOKENS_PER_SPLIT, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=32, min_split=MIN_TOKENS_PER_SPLIT, num_warps=4, num_stages=2)
+
+
 def decode_attention(
     q: torch.Tensor,  # [batch, num_heads, head_dim]
     out: torch.Tensor,  # [batch, num_heads, head_dim]
@@ -352,12 +376,14 @@ def decode_attention(
     partial_out: torch.Tensor,  # [batch, num_heads, max_kv_splits, head_dim] fp32 scratch
     partial_lse: torch.Tensor,  # [batch, num_heads, max_kv_splits] fp32 scratch
     sm_scale: float,
+    config: DecodeConfig | None = None,  # None: default_decode_config
 ) -> None:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     max_kv_splits = partial_lse.shape[-1]
     group = num_heads // num_kv_heads
     block_d = _block_d(head_dim)
+    config = config or default_decode_config(head_dim)
     _decode_partial_kernel[(batch, num_kv_heads, max_kv_splits)](
         q,
         k_buffer,
@@ -381,11 +407,11 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d,
-        BLOCK_N=64 if block_d <= 128 else 32,
-        MIN_SPLIT=MIN_TOKENS_PER_SPLIT,
+        BLOCK_N=config.block_n,
+        MIN_SPLIT=config.min_split,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
-        num_stages=2,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     _decode_merge_kernel[(batch, num_heads)](
         partial_out,
@@ -398,7 +424,8 @@ def decode_attention(
         out.stride(1),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
-        MIN_SPLIT=MIN_TOKENS_PER_SPLIT,
+        BLOCK_N=config.block_n,
+        MIN_SPLIT=config.min_split,
         num_warps=4 if block_d <= 128 else 8,
     )
 
