@@ -505,9 +505,15 @@ def measure_baseline(
 
 
 def encode_on_device(encoder: QuicksviewerVisionEncoder, item: MediaItem) -> VideoEncoding:
-    """What the engine's encode stage does for a video: upload uint8, normalise, encode."""
+    """What the engine's encode stage does for a video: upload the uint8 pixels and normalise
+    them one tower batch at a time, run the tower on each, then cube and resample."""
     param = next(encoder.parameters())
-    return encoder.encode_video(item.pixel_values_on(param.device, param.dtype))
+    batch, num_views = encoder.vision_tower.max_batch_size, len(item.take_pixels())
+    features = [
+        encoder.tower_features(item.pixel_values_on(param.device, param.dtype, slice(i, i + batch)))
+        for i in range(0, num_views, batch)
+    ]
+    return encoder.encode_video_features(torch.cat(features))
 
 
 def first_token(engine: cubeserve.Engine, **request: Any) -> tuple[float, dict[str, Any]]:
@@ -627,6 +633,7 @@ def measure_in_process(
     decode_s, frames = timed(device, lambda: sampled(videos.main))
     frontend_s, processed = timed(device, lambda: request(videos.main))
     encoder = load_model(QuicksviewerVisionEncoder, config, None, dtype, device, "dummy")
+    encoder.vision_tower.max_batch_size = server_args.vision_batch_size
     encode_on_device(encoder, warmup.media[0])  # kernels, allocator, autotuning
     vision_s, _ = timed(device, lambda: encode_on_device(encoder, processed.media[0]))
 

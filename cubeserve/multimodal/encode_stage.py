@@ -230,12 +230,13 @@ class EncodeJob:
     @torch.inference_mode()
     def encode_next_batch(self) -> None:
         if self._todo:
-            self._encode_views(self.stage.tower_batch)
+            self._encode_batch()
 
     @torch.inference_mode()
     def encode_rest(self) -> None:
+        # Batch by batch even here: each upload pins one batch of pixels, not a whole video.
         while self._todo:
-            self._encode_views(None)
+            self._encode_batch()
 
     def finish(self) -> None:
         self.stage.apply(self.req, self.encoded)
@@ -249,8 +250,8 @@ class EncodeJob:
         copies = [self.media[i] for i in self._todo[key]]
         return next((item for item in copies if item.pixels is not None), copies[0])
 
-    def _encode_views(self, max_views: int | None) -> None:
-        """Run the tower on the next ``max_views`` views (None: all) of the first medium to do."""
+    def _encode_batch(self) -> None:
+        """Run the tower on the next batch of views of the first medium to do."""
         key = next(iter(self._todo))
         if key in self._borrowed:
             self._borrowed.discard(key)
@@ -261,7 +262,7 @@ class EncodeJob:
             self._claim(key)  # its job failed or it was evicted already: encode it here
         item = self._source(key)
         num_views = len(item.take_pixels())
-        end = num_views if max_views is None else min(num_views, self._next_view + max_views)
+        end = min(num_views, self._next_view + self.stage.tower_batch)
         pixels = item.pixel_values_on(
             self.stage.device, self.stage.dtype, slice(self._next_view, end)
         )
