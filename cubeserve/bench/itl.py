@@ -76,9 +76,11 @@ async def stream(
     input_ids: list[int],
     max_new_tokens: int,
     stop: asyncio.Event | None = None,
+    times: StreamTimes | None = None,
 ) -> StreamTimes:
-    """Stream one greedy request; setting ``stop`` ends it early (the engine aborts it)."""
-    times = StreamTimes(time.perf_counter(), [])
+    """Stream one greedy request into ``times`` (default: new ones, from now); setting ``stop``
+    ends it early (the engine aborts it)."""
+    times = times or StreamTimes(time.perf_counter(), [])
     params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
     chunks = await engine.async_generate(input_ids=input_ids, sampling_params=params, stream=True)
     received = 0
@@ -110,16 +112,24 @@ async def streams_around(
     baseline_s: float,
     inject: Callable[[], Awaitable[T]],
 ) -> tuple[T, StreamWindow]:
-    """Stream ``prompts`` for ``baseline_s``, then await ``inject()`` while they keep decoding;
-    the streams stop when it returns. Returns its result and the streams' gaps around it."""
+    """Stream ``prompts`` until each is decoding and then for ``baseline_s``, then await
+    ``inject()`` while they keep decoding; the streams stop when it returns. Returns its result
+    and the streams' gaps around it."""
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(stream(engine, p, max_new_tokens, stop)) for p in prompts]
+    streams = [StreamTimes(time.perf_counter(), []) for _ in prompts]
+    tasks = [
+        asyncio.create_task(stream(engine, prompt, max_new_tokens, stop, times))
+        for prompt, times in zip(prompts, streams)
+    ]
+    # A busy engine can take longer than the baseline window to prefill the streams.
+    while any(len(t.token_times) < 2 for t in streams) and not any(t.done() for t in tasks):
+        await asyncio.sleep(0.005)
     await asyncio.sleep(baseline_s)
     start = time.perf_counter()
     result = await inject()
     end = time.perf_counter()
     stop.set()
-    streams = list(await asyncio.gather(*tasks))
+    await asyncio.gather(*tasks)
     window = StreamWindow(start, end, [], [], streams)
     for times in streams:
         before, during = split_itls(times.token_times, start, end)
