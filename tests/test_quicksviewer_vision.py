@@ -247,6 +247,18 @@ def test_short_videos(num_frames: int) -> None:
 
 
 @pytest.mark.skipif(not VIDEO_CASES, reason="no video golden case")
+def test_warm_up_encodes_a_blank_video(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = load_case(VIDEO_CASES[0]).encoder
+    encoded: list[torch.Tensor] = []
+    monkeypatch.setattr(encoder, "encode_video", encoded.append)
+    encoder.warm_up(5)
+    size = encoder.config.vision_config.image_size
+    ((frames,),) = [encoded]
+    assert frames.shape == (5, 3, size, size) and frames.dtype == torch.float32
+    assert not frames.any()
+
+
+@pytest.mark.skipif(not VIDEO_CASES, reason="no video golden case")
 def test_half_precision_smoke() -> None:
     case = load_case(VIDEO_CASES[0])
     encoder = _load_encoder(GOLDEN / VIDEO_CASES[0] / "model").to(torch.bfloat16)

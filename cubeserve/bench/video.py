@@ -634,7 +634,7 @@ def measure_in_process(
     frontend_s, processed = timed(device, lambda: request(videos.main))
     encoder = load_model(QuicksviewerVisionEncoder, config, None, dtype, device, "dummy")
     encoder.vision_tower.max_batch_size = server_args.vision_batch_size
-    encode_on_device(encoder, warmup.media[0])  # kernels, allocator, autotuning
+    encoder.warm_up(server_args.vision_batch_size)  # as the engine does at start-up
     vision_s, _ = timed(device, lambda: encode_on_device(encoder, processed.media[0]))
 
     log("original-style baseline: sequential decoding, per-frame preprocessing, HF models")

@@ -86,10 +86,13 @@ def create_encode_stage(
 ) -> MultimodalEncodeStage | None:
     """The scheduler's ``mm_encoder`` for ``model`` with an encoder cache of ``cache_bytes``
     (0 disables it) and ``vision_batch_size`` frames per vision-tower call; None for
-    text-only models."""
+    text-only models. On CUDA the vision encoder is warmed up on one tower batch first."""
     if not accepts_media(model):
         return None
-    return MultimodalEncodeStage(model, cache_bytes, vision_batch_size)
+    stage = MultimodalEncodeStage(model, cache_bytes, vision_batch_size)
+    if stage.device.type == "cuda":
+        model.vision.warm_up(stage.tower_batch)
+    return stage
 
 
 class MultimodalEncodeStage:
