@@ -6,6 +6,7 @@ import itertools
 import pickle
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,7 @@ from test_multimodal_processor import (
 
 from cubeserve.multimodal import video as video_module
 from cubeserve.multimodal.image import PixelNormalization, normalize_pixels, resize_frames
+from cubeserve.multimodal.media import MediaError
 from cubeserve.multimodal.video import (
     frame_digest,
     frames_content_hash,
@@ -150,3 +152,12 @@ def test_media_items_carry_uint8_pixels() -> None:
     assert len(pickle.dumps(item)) < len(float_item) / 3  # what the engine is sent
     frames = video_from_frames(np.load(GOLDEN / case / "input" / "frames.npy")).frames
     assert np.array_equal(item.pixels, resize_frames(frames, size))
+
+
+def test_frames_land_in_one_array_and_a_size_change_is_a_media_error() -> None:
+    convert = video_module._FrameConverter(None, [3, 7])
+    first = np.full((4, 6, 3), 9, dtype=np.uint8)
+    convert(av.VideoFrame.from_ndarray(first, format="rgb24"), 7)
+    assert np.array_equal(convert.stacked([7]), first[None])
+    with pytest.raises(MediaError, match="frame size changes"):
+        convert(av.VideoFrame.from_ndarray(np.zeros((8, 6, 3), np.uint8), format="rgb24"), 3)
