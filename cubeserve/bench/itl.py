@@ -39,7 +39,7 @@ from cubeserve.bench.common import (
     ratio,
     resolved_model_path,
 )
-from cubeserve.bench.serving import split_itls, summarize
+from cubeserve.bench.serving import StreamWindow, injection_window, summarize
 from cubeserve.server_args import ServerArgs
 
 MODES = {"prefill_only": False, "mixed": True}  # report key -> --enable-mixed-chunk
@@ -94,48 +94,25 @@ async def stream(
     return times
 
 
-@dataclass
-class StreamWindow:
-    """Running streams' chunk gaps before and during an injection window."""
-
-    start: float
-    end: float
-    before: list[float]  # gaps (s) ending by ``start``
-    during: list[float]  # gaps (s) ending in ``(start, end]``
-    streams: list[StreamTimes]
-
-
 async def streams_around(
     engine: cubeserve.Engine,
     prompts: Sequence[list[int]],
     max_new_tokens: int,
     baseline_s: float,
     inject: Callable[[], Awaitable[T]],
-) -> tuple[T, StreamWindow]:
-    """Stream ``prompts`` until each is decoding and then for ``baseline_s``, then await
-    ``inject()`` while they keep decoding; the streams stop when it returns. Returns its result
-    and the streams' gaps around it."""
+) -> tuple[T, StreamWindow, list[StreamTimes]]:
+    """Stream ``prompts`` through ``injection_window`` around ``inject()``: its result, the
+    streams' gaps around it, and the streams' token times."""
     stop = asyncio.Event()
     streams = [StreamTimes(time.perf_counter(), []) for _ in prompts]
-    tasks = [
-        asyncio.create_task(stream(engine, prompt, max_new_tokens, stop, times))
+    coroutines = [
+        stream(engine, prompt, max_new_tokens, stop, times)
         for prompt, times in zip(prompts, streams)
     ]
-    # A busy engine can take longer than the baseline window to prefill the streams.
-    while any(len(t.token_times) < 2 for t in streams) and not any(t.done() for t in tasks):
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(baseline_s)
-    start = time.perf_counter()
-    result = await inject()
-    end = time.perf_counter()
-    stop.set()
-    await asyncio.gather(*tasks)
-    window = StreamWindow(start, end, [], [], streams)
-    for times in streams:
-        before, during = split_itls(times.token_times, start, end)
-        window.before += before
-        window.during += during
-    return result, window
+    result, window = await injection_window(
+        coroutines, [t.token_times for t in streams], stop, baseline_s, inject
+    )
+    return result, window, streams
 
 
 async def measure(
@@ -157,7 +134,7 @@ async def measure(
         return list(await asyncio.gather(*injected))
 
     prompts = random_prompts(rng, [workload.stream_input_len] * workload.streams, vocab)
-    injected_times, window = await streams_around(
+    injected_times, window, streams = await streams_around(
         engine, prompts, workload.stream_output_len, workload.baseline_s, inject
     )
     baseline_ms, injection_ms = summarize(window.before), summarize(window.during)
@@ -170,7 +147,7 @@ async def measure(
         "injection_s": round(window.end - window.start, 3),
         "injected_ttft_ms": summarize([t.token_times[0] - t.start for t in injected_times]),
         "streams_outlived_injection": sum(
-            t.token_times[-1] >= window.end for t in window.streams
+            t.token_times[-1] >= window.end for t in streams
         ),
     }
 

@@ -28,9 +28,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -47,6 +48,7 @@ SHAREGPT_MAX_PROMPT_TOKENS = 1024
 SHAREGPT_MAX_TOTAL_TOKENS = 2048
 MIN_SHAREGPT_TOKENS = 4
 CHARS_PER_TOKEN = 4  # length estimate for ShareGPT replies when no tokenizer is given
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,14 @@ def chunk_text(endpoint: str, choice: dict[str, Any]) -> str:
 
 
 async def send_request(client: httpx.AsyncClient, target: Target, spec: RequestSpec,
-                       stop: asyncio.Event | None = None) -> RequestResult:
-    """One streaming request; content chunk times give TTFT and inter-token latencies.
+                       stop: asyncio.Event | None = None,
+                       result: RequestResult | None = None) -> RequestResult:
+    """One streaming request into ``result`` (default: a new one, from now); content chunk times
+    give TTFT and inter-token latencies.
 
     Setting ``stop`` ends the request early (the connection is closed, the server aborts it).
     """
-    result = RequestResult(start=time.perf_counter())
+    result = result or RequestResult(start=time.perf_counter())
     try:
         async with client.stream("POST", target.url, json=target.payload(spec), headers=target.headers()) as response:
             if response.status_code != 200:
@@ -242,6 +246,45 @@ def split_itls(chunk_times: list[float], window_start: float,
     return before, inside
 
 
+@dataclass
+class StreamWindow:
+    """Running streams' chunk gaps before and during an injection window."""
+
+    start: float
+    end: float
+    before: list[float]  # gaps (s) ending by ``start``
+    during: list[float]  # gaps (s) ending in ``(start, end]``
+
+
+async def injection_window(
+    streams: Sequence[Awaitable[Any]],
+    chunk_times: Sequence[list[float]],
+    stop: asyncio.Event,
+    baseline_s: float,
+    inject: Callable[[], Awaitable[T]],
+) -> tuple[T, StreamWindow]:
+    """Run ``streams`` until each is decoding and then for ``baseline_s``, then await
+    ``inject()`` while they keep decoding; set ``stop`` (which ends them) when it returns. Each
+    stream appends its chunks' arrival times to its list in ``chunk_times`` as they come.
+    Returns ``inject``'s result and the streams' gaps around it."""
+    tasks = [asyncio.ensure_future(stream) for stream in streams]
+    # A busy server can take longer than the baseline window to prefill the streams.
+    while any(len(times) < 2 for times in chunk_times) and not any(t.done() for t in tasks):
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(baseline_s)
+    start = time.perf_counter()
+    result = await inject()
+    end = time.perf_counter()
+    stop.set()
+    await asyncio.gather(*tasks)
+    window = StreamWindow(start, end, [], [])
+    for times in chunk_times:
+        before, during = split_itls(times, start, end)
+        window.before += before
+        window.during += during
+    return result, window
+
+
 def load_report(results: list[RequestResult], duration: float) -> dict[str, Any]:
     done = [r for r in results if r.ok]
     input_tokens = sum(r.prompt_tokens for r in done)
@@ -301,40 +344,36 @@ async def run_interference(client: httpx.AsyncClient, target: Target, plan: Inte
                            maker: PromptMaker) -> dict[str, Any]:
     stop_background = asyncio.Event()
     background_start = time.perf_counter()
+    background_results = [RequestResult(start=background_start)
+                          for _ in range(plan.background_requests)]
     background = [
-        asyncio.create_task(send_request(client, target, RequestSpec(
-            maker.random_prompt(plan.background_input_len), plan.background_output_len), stop_background))
-        for _ in range(plan.background_requests)
+        send_request(client, target, RequestSpec(maker.random_prompt(plan.background_input_len),
+                                                 plan.background_output_len), stop_background, result)
+        for result in background_results
     ]
-    # Background requests are running once they stream; give them the baseline window.
-    await asyncio.sleep(plan.baseline_s)
-    inject_start = time.perf_counter()
-    injected = []
-    for _ in range(plan.inject_requests):
-        spec = RequestSpec(maker.random_prompt(plan.inject_input_len), plan.inject_output_len)
-        injected.append(asyncio.create_task(send_request(client, target, spec)))
-        await asyncio.sleep(plan.inject_interval_s)
-    injected_results = await asyncio.gather(*injected)
-    inject_end = time.perf_counter()
-    stop_background.set()
-    background_results = await asyncio.gather(*background)
 
-    before, during = [], []
-    for result in background_results:
-        stream_before, stream_during = split_itls(result.chunk_times, inject_start, inject_end)
-        before += stream_before
-        during += stream_during
-    itl_before, itl_during = summarize(before), summarize(during)
-    outlived = sum(1 for r in background_results if r.chunk_times and r.chunk_times[-1] >= inject_end)
+    async def inject() -> list[RequestResult]:
+        injected = []
+        for _ in range(plan.inject_requests):
+            spec = RequestSpec(maker.random_prompt(plan.inject_input_len), plan.inject_output_len)
+            injected.append(asyncio.create_task(send_request(client, target, spec)))
+            await asyncio.sleep(plan.inject_interval_s)
+        return list(await asyncio.gather(*injected))
+
+    injected_results, window = await injection_window(
+        background, [r.chunk_times for r in background_results], stop_background, plan.baseline_s,
+        inject)
+    itl_before, itl_during = summarize(window.before), summarize(window.during)
+    outlived = sum(1 for r in background_results if r.chunk_times and r.chunk_times[-1] >= window.end)
     return {
         "itl_before_ms": itl_before,
         "itl_during_ms": itl_during,
         "itl_p50_ratio": itl_during["p50"] / itl_before["p50"] if itl_before["p50"] else None,
         "itl_p99_ratio": itl_during["p99"] / itl_before["p99"] if itl_before["p99"] else None,
-        "injection_s": inject_end - inject_start,
-        "background": {**load_report(background_results, inject_end - background_start),
+        "injection_s": window.end - window.start,
+        "background": {**load_report(background_results, window.end - background_start),
                        "outlived_injection": outlived},
-        "injected": load_report(injected_results, inject_end - inject_start),
+        "injected": load_report(injected_results, window.end - window.start),
     }
 
 

@@ -553,7 +553,7 @@ async def streams_while_video_arrives(
             sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True},
         )
 
-    _, window = await itl.streams_around(
+    _, window, _ = await itl.streams_around(
         engine, prompts, args.itl_stream_tokens, args.itl_baseline_seconds, video_request
     )
     return {
