@@ -146,9 +146,7 @@ async def measure(
         },
         "injection_s": round(window.end - window.start, 3),
         "injected_ttft_ms": summarize([t.token_times[0] - t.start for t in injected_times]),
-        "streams_outlived_injection": sum(
-            t.token_times[-1] >= window.end for t in streams
-        ),
+        "streams_outlived_injection": sum(t.token_times[-1] >= window.end for t in streams),
     }
 
 

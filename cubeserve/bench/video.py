@@ -74,10 +74,7 @@ from cubeserve.configs.quicksviewer import (
 )
 from cubeserve.demo import ENDOFTEXT, IM_END, write_demo_tokenizer
 from cubeserve.engine.model_runner import resolve_device, resolve_dtype
-from cubeserve.models.quicksviewer_vision import (
-    QuicksviewerVisionEncoder,
-    VideoEncoding,
-)
+from cubeserve.models.quicksviewer_vision import QuicksviewerVisionEncoder, VideoEncoding
 from cubeserve.models.siglip import FEATURE_GRID
 from cubeserve.models.weights import load_model
 from cubeserve.multimodal.image import PixelNormalization, available_cpus
@@ -634,7 +631,7 @@ def measure_in_process(
     frontend_s, processed = timed(device, lambda: request(videos.main))
     encoder = load_model(QuicksviewerVisionEncoder, config, None, dtype, device, "dummy")
     encoder.vision_tower.max_batch_size = server_args.vision_batch_size
-    encoder.warm_up(server_args.vision_batch_size)  # as the engine does at start-up
+    encoder.warm_up(encoder.vision_tower.max_batch_size)  # as the engine does at start-up
     vision_s, _ = timed(device, lambda: encode_on_device(encoder, processed.media[0]))
 
     log("original-style baseline: sequential decoding, per-frame preprocessing, HF models")

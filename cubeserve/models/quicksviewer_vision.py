@@ -418,7 +418,8 @@ class QuicksviewerVisionEncoder(nn.Module):
         420-frame encode took 1.13 s after an 8-frame one, 0.68 s once warm)."""
         size = self.config.vision_config.image_size
         param = next(self.parameters())
-        self.encode_video(torch.zeros((num_frames, 3, size, size), dtype=param.dtype, device=param.device))
+        shape = (num_frames, 3, size, size)
+        self.encode_video(torch.zeros(shape, dtype=param.dtype, device=param.device))
 
     @torch.no_grad()
     def encode_videos(self, videos: Sequence[torch.Tensor]) -> list[VideoEncoding]:
