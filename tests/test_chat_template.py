@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cubeserve.engine.chat_template import apply_chat_template
 
@@ -17,9 +17,11 @@ CHATML_EXPECTED = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi
 
 
 @pytest.fixture
-def bare_tokenizer(demo_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch) -> PreTrainedTokenizerBase:
-    monkeypatch.setattr(demo_tokenizer, "chat_template", None)
-    return demo_tokenizer
+def bare_tokenizer(demo_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A private copy of the demo tokenizer without a chat template (the session's stays whole)."""
+    tokenizer = AutoTokenizer.from_pretrained(demo_tokenizer.name_or_path)
+    tokenizer.chat_template = None
+    return tokenizer
 
 
 @pytest.mark.parametrize("name", ["chatml", "qwen2"])
@@ -33,8 +35,8 @@ def test_without_generation_prompt(demo_tokenizer: PreTrainedTokenizerBase) -> N
 
 
 @pytest.mark.parametrize("name", ["llama_3", "llama_3_chat"])
-def test_builtin_llama_3(bare_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    monkeypatch.setattr(bare_tokenizer, "bos_token", "<|endoftext|>")
+def test_builtin_llama_3(bare_tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    bare_tokenizer.bos_token = "<|endoftext|>"
     text = apply_chat_template(bare_tokenizer, [{"role": "user", "content": "  Hi!\n"}], name)
     assert text == (
         "<|endoftext|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
