@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cubeserve.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from cubeserve.layers.gemv import linear
 from cubeserve.models.weights import default_weight_loader, new_parameter
 
 
@@ -49,5 +50,5 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits over the full vocabulary, on every rank."""
-        logits = tp_all_gather(F.linear(hidden, self.weight))
+        logits = tp_all_gather(linear(hidden, self.weight))
         return logits[..., : self.num_embeddings].float()

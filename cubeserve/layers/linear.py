@@ -9,10 +9,10 @@ naming which checkpoint tensor (q/k/v, gate/up) is being loaded.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cubeserve.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from cubeserve.layers.gemv import linear
 from cubeserve.models.weights import default_weight_loader, new_parameter
 
 
@@ -55,7 +55,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         return tp_all_gather(out) if self.gather_output else out
 
 
@@ -144,5 +144,5 @@ class RowParallelLinear(nn.Module):
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(F.linear(x, self.weight))
+        out = tp_all_reduce(linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
