@@ -1,4 +1,4 @@
-"""Fused RMSNorm / SiLU-and-mul / rotary: Triton kernels vs. their PyTorch references.
+"""Fused RMSNorm / SiLU-and-mul / rotary / K/V store: Triton kernels vs. their PyTorch references.
 
 Without a GPU the Triton kernels run through Triton's interpreter, whose fp32 -> bf16
 conversion truncates instead of rounding: tolerances allow an ulp or two of the dtype.
@@ -29,7 +29,11 @@ def test_dispatch_uses_torch_on_cpu() -> None:
     gate_up = torch.randn(3, 64)
     assert torch.equal(fk.silu_and_mul(gate_up), fk.silu_and_mul_torch(gate_up))
     cos, sin = torch.randn(3, 1, 8), torch.randn(3, 1, 8)
-    assert torch.equal(fk.rotary_emb(x, cos, sin, 16), fk.rotary_emb_torch(x, cos, sin, 16))
+    k = torch.randn(3, 16)
+    for got, expected in zip(
+        fk.rotary_emb(x, k, cos, sin, 16), fk.rotary_emb_torch(x, k, cos, sin, 16), strict=True
+    ):
+        assert torch.equal(got, expected)
 
 
 def test_torch_references_match_their_definitions() -> None:
@@ -46,7 +50,8 @@ def test_torch_references_match_their_definitions() -> None:
     # A rotation keeps each (i, i + half) pair's norm and rotates by the given angle.
     angle = torch.rand(3, 1, 4)
     x = torch.randn(3, 2 * 8)
-    rotated = fk.rotary_emb_torch(x, angle.cos(), angle.sin(), 8).view(3, 2, 8)
+    rotated, _ = fk.rotary_emb_torch(x, x[:, :8], angle.cos(), angle.sin(), 8)
+    rotated = rotated.view(3, 2, 8)
     original = x.view(3, 2, 8)
     norms = lambda t: t[..., :4].pow(2) + t[..., 4:].pow(2)
     torch.testing.assert_close(norms(rotated), norms(original))
@@ -121,12 +126,28 @@ def test_rotary_kernel(dtype: torch.dtype, num_heads: int, head_dim: int) -> Non
     angles = torch.rand(num_tokens, head_dim // 2, device=DEVICE) * 100
     table = torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype)
     cos, sin = table.unsqueeze(1).chunk(2, dim=-1)  # as RotaryEmbedding.forward returns them
-    for x in (q, k):
-        assert_within_ulps(
-            fk.rotary_emb_triton(x, cos, sin, head_dim),
-            fk.rotary_emb_torch(x, cos, sin, head_dim),
-            ulps=4,
-        )
+    got = fk.rotary_emb_triton(q, k, cos, sin, head_dim)
+    expected = fk.rotary_emb_torch(q, k, cos, sin, head_dim)
+    for actual, reference in zip(got, expected, strict=True):
+        assert_within_ulps(actual, reference, ulps=4)
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+def test_store_kv_kernel_writes_only_the_given_slots(cache_dtype: torch.dtype) -> None:
+    num_slots, num_kv_heads, head_dim = 12, 2, 24
+    k_cache = torch.randn(num_slots, num_kv_heads, head_dim, device=DEVICE).to(cache_dtype)
+    v_cache = torch.randn_like(k_cache)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    # New K/V as the backends pass them: views of the fused qkv projection (row stride > row).
+    qkv = torch.randn(3, 5 * num_kv_heads * head_dim, dtype=torch.bfloat16, device=DEVICE)
+    k = qkv[:, 2 * 48 : 3 * 48].view(3, num_kv_heads, head_dim)
+    v = qkv[:, 4 * 48 :].view(3, num_kv_heads, head_dim)
+    slots = torch.tensor([7, 1, 10], device=DEVICE)
+    fk.store_kv_triton(k_cache, v_cache, slots, k, v)
+    fk.store_kv_torch(expected_k, expected_v, slots, k, v)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert torch.equal(k_cache[slots], k.to(cache_dtype))
 
 
 def test_enable_torch_compile_routes_ops_through_compiled_references(monkeypatch) -> None:

@@ -1,10 +1,12 @@
-"""Fused elementwise ops of the decoder layers: RMSNorm (+ residual add), SiLU-and-mul, rotary.
+"""Fused elementwise ops of the decoder layers: RMSNorm (+ residual add), SiLU-and-mul, rotary
+of q and k, and the store of new K/V into the paged cache.
 
 Each op has one public function that dispatches: a single hand-written Triton kernel on CUDA
 tensors, the ``*_torch`` reference elsewhere, or, after ``enable_torch_compile()``
-(``--enable-torch-compile``), the reference compiled by ``torch.compile`` on any device. Both round like the layers' PyTorch code
-(normalise in float32, round, then scale by the weight; add the residual in the input dtype),
-so switching implementations changes results only in the last bits of the output dtype.
+(``--enable-torch-compile``), the reference compiled by ``torch.compile`` on any device (all
+but the K/V store, a scatter that compiling would not shorten). Both round like the layers' PyTorch code (normalise in float32, round, then scale by the weight; add
+the residual in the input dtype), so switching implementations changes results only in the
+last bits of the output dtype.
 """
 
 from __future__ import annotations
@@ -45,11 +47,28 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_emb_torch(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate_half(q, cos, sin, head_dim), _rotate_half(k, cos, sin, head_dim)
+
+
+def _rotate_half(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
 ) -> torch.Tensor:
     heads = x.view(x.shape[0], -1, head_dim)
     x1, x2 = heads.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).view(x.shape)
+
+
+def store_kv_torch(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    k_cache[slots] = k.to(k_cache.dtype)
+    v_cache[slots] = v.to(v_cache.dtype)
 
 
 # ---- dispatch ----------------------------------------------------------------------------
@@ -72,19 +91,36 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_emb(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
-) -> torch.Tensor:
-    """Rotate-half (NeoX) rotary of ``x`` [num_tokens, num_heads * head_dim] by ``cos``/``sin``
-    [num_tokens, 1, head_dim // 2] (``RotaryEmbedding.forward``'s output)."""
-    impl = _compiled.get("rotary_emb") or (rotary_emb_triton if _use_triton(x) else rotary_emb_torch)
-    return impl(x, cos, sin, head_dim)
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half (NeoX) rotary of ``q`` and ``k`` [num_tokens, heads * head_dim] by
+    ``cos``/``sin`` [num_tokens, 1, head_dim // 2] (``RotaryEmbedding.forward``'s output)."""
+    impl = _compiled.get("rotary_emb") or (
+        rotary_emb_triton if _use_triton(q) else rotary_emb_torch
+    )
+    return impl(q, k, cos, sin, head_dim)
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """``k_cache[slots] = k`` and ``v_cache[slots] = v`` (caches [slots, kv_heads, head_dim],
+    new K/V [num_tokens, kv_heads, head_dim]), cast to the cache dtype."""
+    (store_kv_triton if _use_triton(k) else store_kv_torch)(k_cache, v_cache, slots, k, v)
 
 
 def enable_torch_compile() -> None:
-    """Route the three ops through ``torch.compile`` of their references (dynamic shapes, so
+    """Route norm, SiLU-and-mul and rotary through ``torch.compile`` of their references (dynamic shapes, so
     one compilation serves every batch size; compiled lazily at the first call)."""
-    references = {"rms_norm": rms_norm_torch, "silu_and_mul": silu_and_mul_torch,
-                  "rotary_emb": rotary_emb_torch}
+    references = {
+        "rms_norm": rms_norm_torch,
+        "silu_and_mul": silu_and_mul_torch,
+        "rotary_emb": rotary_emb_torch,
+    }
     _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in references.items()})
 
 
@@ -133,34 +169,92 @@ if HAS_TRITON:
         tl.store(Out + row * d + cols, (silu * up).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(
+    def _rotate_heads(
         X,
-        Cos,
-        Sin,
         Out,
-        stride_x,
-        stride_cos,
-        stride_sin,
+        x_row,
+        out_row,
+        cos,
+        sin,
         num_heads,
         HALF: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
     ):
-        token = tl.program_id(0).to(tl.int64)
         heads = tl.arange(0, BLOCK_H)
         offs = tl.arange(0, BLOCK_HALF)
-        mask_f = offs < HALF
-        mask = (heads[:, None] < num_heads) & mask_f[None, :]
-        cos = tl.load(Cos + token * stride_cos + offs, mask=mask_f, other=0.0).to(tl.float32)
-        sin = tl.load(Sin + token * stride_sin + offs, mask=mask_f, other=0.0).to(tl.float32)
+        mask = (heads[:, None] < num_heads) & (offs < HALF)[None, :]
         first = heads[:, None] * (2 * HALF) + offs[None, :]
-        x1 = tl.load(X + token * stride_x + first, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + token * stride_x + first + HALF, mask=mask, other=0.0).to(tl.float32)
-        out = Out + token * num_heads * (2 * HALF) + first
+        x1 = tl.load(X + x_row + first, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + x_row + first + HALF, mask=mask, other=0.0).to(tl.float32)
+        out = Out + out_row + first
         tl.store(out, (x1 * cos[None, :] - x2 * sin[None, :]).to(Out.dtype.element_ty), mask=mask)
         tl.store(
             out + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(Out.dtype.element_ty), mask=mask
         )
+
+    @triton.jit
+    def _rotary_kernel(
+        Q,
+        K,
+        Cos,
+        Sin,
+        OutQ,
+        OutK,
+        stride_q,
+        stride_k,
+        stride_cos,
+        stride_sin,
+        num_q_heads,
+        num_k_heads,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+    ):
+        """Program (token, 0) rotates the token's q heads, (token, 1) its k heads."""
+        token = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_HALF)
+        cos = tl.load(Cos + token * stride_cos + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + token * stride_sin + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+        if tl.program_id(1) == 0:
+            _rotate_heads(
+                Q,
+                OutQ,
+                token * stride_q,
+                token * num_q_heads * (2 * HALF),
+                cos,
+                sin,
+                num_q_heads,
+                HALF,
+                BLOCK_H,
+                BLOCK_HALF,
+            )
+        else:
+            _rotate_heads(
+                K,
+                OutK,
+                token * stride_k,
+                token * num_k_heads * (2 * HALF),
+                cos,
+                sin,
+                num_k_heads,
+                HALF,
+                BLOCK_H,
+                BLOCK_HALF,
+            )
+
+    @triton.jit
+    def _store_kv_kernel(
+        KCache, VCache, Slots, K, V, stride_k, stride_v, row_size, BLOCK: tl.constexpr
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        slot = tl.load(Slots + token).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < row_size
+        k = tl.load(K + token * stride_k + cols, mask=mask)
+        v = tl.load(V + token * stride_v + cols, mask=mask)
+        tl.store(KCache + slot * row_size + cols, k.to(KCache.dtype.element_ty), mask=mask)
+        tl.store(VCache + slot * row_size + cols, v.to(VCache.dtype.element_ty), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -213,27 +307,59 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_emb_triton(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
-) -> torch.Tensor:
-    num_tokens = x.shape[0]
-    num_heads = x.shape[1] // head_dim
-    x = _rows(x)
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens = q.shape[0]
+    q, k = _rows(q), _rows(k)
     cos, sin = cos.reshape(num_tokens, -1), sin.reshape(num_tokens, -1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    num_q_heads, num_k_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
     half = head_dim // 2
-    block_h, block_half = triton.next_power_of_2(num_heads), triton.next_power_of_2(half)
-    _rotary_kernel[(num_tokens,)](
-        x,
+    block_h = triton.next_power_of_2(max(num_q_heads, num_k_heads))
+    block_half = triton.next_power_of_2(half)
+    _rotary_kernel[(num_tokens, 2)](
+        q,
+        k,
         cos,
         sin,
-        out,
-        x.stride(0),
+        out_q,
+        out_k,
+        q.stride(0),
+        k.stride(0),
         cos.stride(0),
         sin.stride(0),
-        num_heads,
+        num_q_heads,
+        num_k_heads,
         HALF=half,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         num_warps=_warps(block_h * block_half),
     )
-    return out
+    return out_q, out_k
+
+
+def store_kv_triton(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    row_size = k_cache[0].numel()
+    k, v = k.reshape(-1, row_size), v.reshape(-1, row_size)
+    if k.shape[0] == 0:
+        return
+    block = triton.next_power_of_2(row_size)
+    _store_kv_kernel[(k.shape[0],)](
+        k_cache,
+        v_cache,
+        slots,
+        k,
+        v,
+        k.stride(0),
+        v.stride(0),
+        row_size,
+        BLOCK=block,
+        num_warps=_warps(block),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from cubeserve.layers.fused_kernels import store_kv
 from cubeserve.utils import to_device
 
 
@@ -109,8 +110,7 @@ class KVCache:
         self.dtype = dtype
 
     def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_buffers[layer_id][slots] = k.to(self.dtype)
-        self.v_buffers[layer_id][slots] = v.to(self.dtype)
+        store_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], slots, k, v)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

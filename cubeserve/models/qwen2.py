@@ -74,8 +74,7 @@ class DecoderAttention(nn.Module):
         if self.qk_norm:
             q = self._norm_per_head(self.q_norm, q)
             k = self._norm_per_head(self.k_norm, k)
-        q = rotary_emb(q, *cos_sin, self.head_dim)
-        k = rotary_emb(k, *cos_sin, self.head_dim)
+        q, k = rotary_emb(q, k, *cos_sin, self.head_dim)
         return self.o_proj(self.attn(q, k, v, batch))
 
     def _norm_per_head(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
