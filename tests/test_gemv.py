@@ -58,8 +58,8 @@ def test_gemv_kernel(dtype: torch.dtype, n: int, k: int, with_bias: bool) -> Non
 
 
 @needs_triton
-def test_gemv_kernel_reads_a_strided_row() -> None:
-    """The decoder passes rows sliced from wider tensors (e.g. the last token's hidden state)."""
+def test_gemv_kernel_reads_a_row_inside_a_larger_tensor() -> None:
+    """The LM head gets the last token's row of the hidden states: a view at an offset."""
     hidden = torch.randn(3, 2, 96, dtype=torch.bfloat16, device=DEVICE)
     weight = torch.randn(7, 96, dtype=torch.bfloat16, device=DEVICE)
     x = hidden[2, 1:]
