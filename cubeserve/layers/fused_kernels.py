@@ -4,9 +4,10 @@ of q and k, and the store of new K/V into the paged cache.
 Each op has one public function that dispatches: a single hand-written Triton kernel on CUDA
 tensors, the ``*_torch`` reference elsewhere, or, after ``enable_torch_compile()``
 (``--enable-torch-compile``), the reference compiled by ``torch.compile`` on any device (all
-but the K/V store, a scatter that compiling would not shorten). Both round like the layers' PyTorch code (normalise in float32, round, then scale by the weight; add
-the residual in the input dtype), so switching implementations changes results only in the
-last bits of the output dtype.
+but the K/V store, a scatter that compiling would not shorten). Both round like the layers'
+PyTorch code (normalise in float32, round, then scale by the weight; add the residual in the
+input dtype), so switching implementations changes results only in the last bits of the output
+dtype.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def store_kv(
 
 
 def enable_torch_compile() -> None:
-    """Route norm, SiLU-and-mul and rotary through ``torch.compile`` of their references (dynamic shapes, so
-    one compilation serves every batch size; compiled lazily at the first call)."""
+    """Route norm, SiLU-and-mul and rotary through ``torch.compile`` of their references
+    (dynamic shapes, so one compilation serves every batch size; compiled lazily at the first
+    call)."""
     references = {
         "rms_norm": rms_norm_torch,
         "silu_and_mul": silu_and_mul_torch,
