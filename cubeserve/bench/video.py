@@ -412,11 +412,33 @@ def original_style_features(tower: nn.Module, pixels: torch.Tensor, grid: int) -
     return interpolate_token_grid(out.hidden_states[-1], grid)
 
 
+def hf_siglip_with_weights_of(
+    encoder: QuicksviewerVisionEncoder,
+    config: QuicksviewerConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """HF's SigLIP vision model holding the same tower weights (the names match up to the
+    ``vision_model.`` prefix; the post-layernorm and pooling head, which Quicksviewer does not
+    use, keep their random values)."""
+    with device:
+        tower = AutoModel.from_config(config.vision_config, dtype=dtype).eval()
+    weights = encoder.vision_tower.state_dict()
+    if not any(name.startswith("vision_model.") for name in tower.state_dict()):
+        weights = {name.removeprefix("vision_model."): t for name, t in weights.items()}
+    missing, unexpected = tower.load_state_dict(weights, strict=False)
+    unused = ("post_layernorm", "head", "vision_model.post_layernorm", "vision_model.head")
+    if unexpected or any(not name.startswith(unused) for name in missing):
+        raise RuntimeError(f"tower weights do not map onto HF SigLIP: {missing=} {unexpected=}")
+    return tower
+
+
 class OriginalStyleModel:
-    """The original's model path at full size with random weights: HF SigLIP over all frames in
-    one call, cubing, the resampler one cube at a time, the thumbnail, and the HF LM's prefill
-    on the assembled embeddings. Cubing, resampler and thumbnail are cubeserve's modules (the
-    same math); only their call pattern is the original's."""
+    """The original's model path at full size with random weights: HF SigLIP (holding the
+    encoder's tower weights) over all frames in one call, cubing, the resampler one cube at a
+    time, the thumbnail, and the HF LM's prefill on the assembled embeddings. Cubing, resampler
+    and thumbnail are cubeserve's modules (the same math); only their call pattern is the
+    original's."""
 
     def __init__(
         self,
@@ -427,8 +449,7 @@ class OriginalStyleModel:
         self.device = resolve_device(server_args.device)
         self.dtype = resolve_dtype(server_args.dtype, config, self.device)
         self.encoder = encoder
-        with self.device:
-            self.tower = AutoModel.from_config(config.vision_config, dtype=self.dtype).eval()
+        self.tower = hf_siglip_with_weights_of(encoder, config, self.dtype, self.device)
         self.grid = config.vision_config.image_size // config.vision_config.patch_size
         self.lm = HFModel(server_args, config)
 

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel
 
 from cubeserve.bench.common import add_common_args, environment, ratio
 from cubeserve.bench.video import (
     MODEL_SHAPES,
     free_memory,
+    hf_siglip_with_weights_of,
     original_style_features,
     run_in_scratch_dir,
     timed,
@@ -101,7 +101,7 @@ def measure(args: argparse.Namespace, server_args: ServerArgs, work: Path) -> di
         }
         theirs, max_abs_diff = None, None
         if not args.skip_hf:
-            hf_tower = hf_tower_with_weights_of(encoder, config, dtype, device)
+            hf_tower = hf_siglip_with_weights_of(encoder, config, dtype, device)
             grid = size // config.vision_config.patch_size
 
             def hf_features() -> torch.Tensor:
@@ -129,24 +129,6 @@ def measure(args: argparse.Namespace, server_args: ServerArgs, work: Path) -> di
         "tower_max_abs_diff_vs_hf": max_abs_diff,
         "env": environment(),
     }
-
-
-def hf_tower_with_weights_of(
-    encoder: QuicksviewerVisionEncoder, config, dtype: torch.dtype, device: torch.device
-) -> torch.nn.Module:
-    """HF's SigLIP vision model holding the same tower weights (the names match up to the
-    ``vision_model.`` prefix; the post-layernorm and pooling head, which Quicksviewer does not
-    use, keep their random values)."""
-    with device:
-        tower = AutoModel.from_config(config.vision_config, dtype=dtype).eval()
-    weights = encoder.vision_tower.state_dict()
-    if not any(name.startswith("vision_model.") for name in tower.state_dict()):
-        weights = {name.removeprefix("vision_model."): t for name, t in weights.items()}
-    missing, unexpected = tower.load_state_dict(weights, strict=False)
-    unused = ("post_layernorm", "head", "vision_model.post_layernorm", "vision_model.head")
-    if unexpected or any(not name.startswith(unused) for name in missing):
-        raise RuntimeError(f"tower weights do not map onto HF SigLIP: {missing=} {unexpected=}")
-    return tower
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
