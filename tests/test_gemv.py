@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cubeserve.layers import gemv
-from cubeserve.layers.fused_kernels import HAS_TRITON
+from cubeserve.layers.launch import HAS_TRITON
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")

@@ -93,29 +93,33 @@ def test_decode_kernel_matches_reference(
 
     batch = len(seq_lens)
     q = torch.randn((batch, num_heads, head_dim), dtype=dtype, device=DEVICE)
-    out = torch.full_like(q, float("nan"))
     splits = 4
-    partial_out = torch.empty((batch, num_heads, splits, head_dim), device=DEVICE)
-    partial_lse = torch.empty((batch, num_heads, splits), device=DEVICE)
-    scale = head_dim**-0.5
-    triton_kernels.decode_attention(
-        q,
-        out,
-        k_buffer,
-        v_buffer,
-        req_to_token,
-        rows,
-        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-        partial_out,
-        partial_lse,
-        scale,
-        config,
+    scratch = triton_kernels.DecodeScratch.allocate(
+        batch, num_heads, num_kv_heads, head_dim, splits, torch.device(DEVICE)
     )
-    for i, row_slots in enumerate(slots):
-        expected = reference_attention(
-            q[i : i + 1], k_buffer[row_slots], v_buffer[row_slots], len(row_slots) - 1, scale
+    scale = head_dim**-0.5
+    # Twice with one scratch, as consecutive layers share it: the chunk counters must be back
+    # at zero after each call, or the second call's chunks would never merge.
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        triton_kernels.decode_attention(
+            q,
+            out,
+            k_buffer,
+            v_buffer,
+            req_to_token,
+            rows,
+            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+            scratch,
+            scale,
+            config,
         )
-        assert_close(out[i : i + 1], expected, dtype)
+        assert not scratch.arrivals.any()
+        for i, row_slots in enumerate(slots):
+            expected = reference_attention(
+                q[i : i + 1], k_buffer[row_slots], v_buffer[row_slots], len(row_slots) - 1, scale
+            )
+            assert_close(out[i : i + 1], expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,7 +15,11 @@ import torch
 import triton
 
 from cubeserve.attention.base import AttentionBackend, register_attention_backend
-from cubeserve.attention.triton_kernels import decode_attention, extend_attention
+from cubeserve.attention.triton_kernels import (
+    DecodeScratch,
+    decode_attention,
+    extend_attention,
+)
 from cubeserve.engine.forward_batch import ForwardBatch
 from cubeserve.layers.attention import PagedAttention
 from cubeserve.utils import to_device
@@ -40,19 +44,13 @@ class DecodeMetadata:
     num_sms: int
     device: torch.device
     # Flash-decoding scratch, allocated on first use and shared by every layer of the forward.
-    _scratch: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict
-    )
+    _scratch: dict[tuple[int, int, int], DecodeScratch] = field(default_factory=dict)
 
-    def scratch(self, layer: PagedAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    def scratch(self, layer: PagedAttention) -> DecodeScratch:
         key = (layer.num_heads, layer.num_kv_heads, layer.head_dim)
         if key not in self._scratch:
             splits = max_kv_splits(self.batch_size, layer.num_kv_heads, self.num_sms)
-            shape = (self.batch_size, layer.num_heads, splits)
-            self._scratch[key] = (
-                torch.empty((*shape, layer.head_dim), dtype=torch.float32, device=self.device),
-                torch.empty(shape, dtype=torch.float32, device=self.device),
-            )
+            self._scratch[key] = DecodeScratch.allocate(self.batch_size, *key, splits, self.device)
         return self._scratch[key]
 
 
@@ -101,7 +99,6 @@ class TritonAttentionBackend(AttentionBackend):
         req_to_token = batch.req_to_token_pool.req_to_token
         meta = batch.attn_metadata
         if batch.mode.is_decode:
-            partial_out, partial_lse = meta.scratch(layer)
             decode_attention(
                 queries,
                 out,
@@ -110,8 +107,7 @@ class TritonAttentionBackend(AttentionBackend):
                 req_to_token,
                 batch.req_pool_indices,
                 batch.seq_lens,
-                partial_out,
-                partial_lse,
+                meta.scratch(layer),
                 layer.scaling,
             )
         else:

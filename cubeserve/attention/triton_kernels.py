@@ -5,11 +5,13 @@ Layer K/V live in ``k_buffer[slot, kv_head, :]``; request ``r``'s slots are
 online-softmax loop ``_attend_keys``), so a cached prefix and the tokens written by this forward
 are read alike.
 
-Decode is flash-decoding: ``_decode_partial_kernel`` splits each request's context into up to
-``max_kv_splits`` chunks, one program per (request, kv head, chunk) serving all q heads of
-the group with one ``tl.dot``; ``_decode_merge_kernel`` combines the chunks by their
-log-sum-exp. The number of chunks of a request is derived from its length inside the kernels,
-so decode needs no per-forward host metadata and replays under CUDA graphs.
+Decode is flash-decoding in one kernel: ``_decode_kernel`` splits each request's context into up
+to ``max_kv_splits`` chunks, one program per (request, kv head, chunk) serving all q heads of
+the group with one ``tl.dot``. A request of one chunk writes its output directly; otherwise the
+chunks store partial results and the program that finishes last (counted by an atomic) combines
+them by their log-sum-exp, so no second kernel is launched. The number of chunks of a request
+is derived from its length inside the kernel, so decode needs no per-forward host metadata and
+replays under CUDA graphs.
 
 With ``TRITON_INTERPRET=1`` set before triton is imported, the kernels run on CPU tensors
 through Triton's interpreter (slow; for tests). The interpreter's bfloat16 arithmetic is
@@ -23,6 +25,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from cubeserve.layers.launch import allow_dependents, supports_pdl
 
 # A request gets one more decode chunk per this many tokens (up to the max_kv_splits cap).
 MIN_TOKENS_PER_SPLIT = 64
@@ -107,17 +111,20 @@ def _split_len(seq_len, max_kv_splits, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
-def _decode_partial_kernel(
+def _decode_kernel(
     Q,
     K_Buffer,
     V_Buffer,
     Req_To_Token,
     Req_Pool_Indices,
     Seq_Lens,
+    Out,
     Partial_Out,
     Partial_Lse,
+    Arrivals,
     sm_scale_log2,
     num_heads,
+    num_kv_heads,
     max_kv_splits,
     stride_qb,
     stride_qh,
@@ -126,6 +133,8 @@ def _decode_partial_kernel(
     stride_vs,
     stride_vh,
     stride_req,
+    stride_ob,
+    stride_oh,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -133,13 +142,16 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    allow_dependents(PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(Seq_Lens + batch)
     split_len = _split_len(seq_len, max_kv_splits, MIN_SPLIT, BLOCK_N)
+    num_splits = tl.cdiv(seq_len, split_len)
     kv_start = split * split_len
     kv_end = tl.minimum(kv_start + split_len, seq_len)
     if kv_start >= kv_end:
@@ -149,10 +161,10 @@ def _decode_partial_kernel(
     heads = kv_head * GROUP + offs_g
     mask_h = offs_g < GROUP
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    mask_hd = mask_h[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(
         Q + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_h[:, None] & mask_d[None, :],
+        mask=mask_hd,
         other=0.0,
     )
 
@@ -181,58 +193,63 @@ def _decode_partial_kernel(
         DOT_PRECISION=DOT_PRECISION,
     )
 
-    rows = (batch * num_heads + heads) * max_kv_splits + split
+    out_ptrs = Out + batch * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if num_splits == 1:
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=mask_hd)
+        return
+
+    first_rows = (batch * num_heads + heads) * max_kv_splits
     tl.store(
-        Partial_Out + rows[:, None] * HEAD_DIM + offs_d[None, :],
+        Partial_Out + (first_rows + split)[:, None] * HEAD_DIM + offs_d[None, :],
         acc / l_i[:, None],
-        mask=mask_h[:, None] & mask_d[None, :],
+        mask=mask_hd,
     )
-    tl.store(Partial_Lse + rows, m_i + tl.log2(l_i), mask=mask_h)
+    tl.store(Partial_Lse + first_rows + split, m_i + tl.log2(l_i), mask=mask_h)
+    # The chunk that finishes last merges them all. The barrier puts every thread's stores
+    # before the counter's release; the acquire makes the other chunks' stores visible here.
+    tl.debug_barrier()
+    counter = Arrivals + batch * num_kv_heads + kv_head
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        tl.store(counter, 0)  # ready for the next layer, which shares the scratch
+        _merge_chunks(
+            Partial_Out,
+            Partial_Lse,
+            out_ptrs,
+            first_rows,
+            offs_d,
+            num_splits,
+            mask_h,
+            mask_hd,
+            HEAD_DIM,
+        )
 
 
 @triton.jit
-def _decode_merge_kernel(
-    Partial_Out,
-    Partial_Lse,
-    Out,
-    Seq_Lens,
-    num_heads,
-    max_kv_splits,
-    stride_ob,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MIN_SPLIT: tl.constexpr,
+def _merge_chunks(
+    Partial_Out, Partial_Lse, out_ptrs, first_rows, offs_d, num_splits, mask_h, mask_hd, HEAD_DIM
 ):
-    batch = tl.program_id(0)
-    head = tl.program_id(1)
-
-    seq_len = tl.load(Seq_Lens + batch)
-    split_len = _split_len(seq_len, max_kv_splits, MIN_SPLIT, BLOCK_N)
-    num_splits = tl.cdiv(seq_len, split_len)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    first_row = (batch * num_heads + head) * max_kv_splits
-
-    m = float("-inf")
-    total = 0.0
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    """Combine a request's chunk outputs by their log-sum-exp, one row per q head. The loads
+    bypass L1, which may hold lines of these rows from an earlier layer or step."""
+    m = tl.full(first_rows.shape, float("-inf"), tl.float32)
+    total = tl.zeros(first_rows.shape, tl.float32)
+    acc = tl.zeros(out_ptrs.shape, tl.float32)
     for split in range(num_splits):
-        lse = tl.load(Partial_Lse + first_row + split)
-        part = tl.load(Partial_Out + (first_row + split) * HEAD_DIM + offs_d, mask=mask_d)
+        lse = tl.load(
+            Partial_Lse + first_rows + split, mask=mask_h, other=0.0, cache_modifier=".cg"
+        )
+        part = tl.load(
+            Partial_Out + (first_rows + split)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=mask_hd,
+            other=0.0,
+            cache_modifier=".cg",
+        )
         m_new = tl.maximum(m, lse)
         rescale = tl.exp2(m - m_new)
         weight = tl.exp2(lse - m_new)
-        acc = acc * rescale + weight * part
+        acc = acc * rescale[:, None] + weight[:, None] * part
         total = total * rescale + weight
         m = m_new
-
-    tl.store(
-        Out + batch * stride_ob + head * stride_oh + offs_d,
-        (acc / total).to(Out.dtype.element_ty),
-        mask=mask_d,
-    )
+    tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=mask_hd)
 
 
 @triton.jit
@@ -365,6 +382,31 @@ def default_decode_config(head_dim: int) -> DecodeConfig:
     return DecodeConfig(block_n=32, min_split=MIN_TOKENS_PER_SPLIT, num_warps=4, num_stages=2)
 
 
+class DecodeScratch(NamedTuple):
+    """Flash-decoding buffers of one forward, shared by its layers."""
+
+    partial_out: torch.Tensor  # [batch, num_heads, max_kv_splits, head_dim] fp32
+    partial_lse: torch.Tensor  # [batch, num_heads, max_kv_splits] fp32
+    arrivals: torch.Tensor  # [batch, num_kv_heads] int32, zero between kernels
+
+    @classmethod
+    def allocate(
+        cls,
+        batch: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_kv_splits: int,
+        device: torch.device,
+    ) -> DecodeScratch:
+        shape = (batch, num_heads, max_kv_splits)
+        return cls(
+            torch.empty((*shape, head_dim), dtype=torch.float32, device=device),
+            torch.empty(shape, dtype=torch.float32, device=device),
+            torch.zeros((batch, num_kv_heads), dtype=torch.int32, device=device),
+        )
+
+
 def decode_attention(
     q: torch.Tensor,  # [batch, num_heads, head_dim]
     out: torch.Tensor,  # [batch, num_heads, head_dim]
@@ -373,28 +415,27 @@ def decode_attention(
     req_to_token: torch.Tensor,  # [rows, max_context_len]
     req_pool_indices: torch.Tensor,  # [batch]
     seq_lens: torch.Tensor,  # [batch], KV length including the token being decoded
-    partial_out: torch.Tensor,  # [batch, num_heads, max_kv_splits, head_dim] fp32 scratch
-    partial_lse: torch.Tensor,  # [batch, num_heads, max_kv_splits] fp32 scratch
+    scratch: DecodeScratch,
     sm_scale: float,
     config: DecodeConfig | None = None,  # None: default_decode_config
 ) -> None:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
-    max_kv_splits = partial_lse.shape[-1]
+    max_kv_splits = scratch.partial_lse.shape[-1]
     group = num_heads // num_kv_heads
-    block_d = _block_d(head_dim)
     config = config or default_decode_config(head_dim)
-    _decode_partial_kernel[(batch, num_kv_heads, max_kv_splits)](
+    _decode_kernel[(batch, num_kv_heads, max_kv_splits)](
         q,
         k_buffer,
         v_buffer,
         req_to_token,
         req_pool_indices,
         seq_lens,
-        partial_out,
-        partial_lse,
+        out,
+        *scratch,
         sm_scale * LOG2_E,
         num_heads,
+        num_kv_heads,
         max_kv_splits,
         q.stride(0),
         q.stride(1),
@@ -403,30 +444,18 @@ def decode_attention(
         v_buffer.stride(0),
         v_buffer.stride(1),
         req_to_token.stride(0),
+        out.stride(0),
+        out.stride(1),
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=block_d,
+        BLOCK_D=_block_d(head_dim),
         BLOCK_N=config.block_n,
         MIN_SPLIT=config.min_split,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-    )
-    _decode_merge_kernel[(batch, num_heads)](
-        partial_out,
-        partial_lse,
-        out,
-        seq_lens,
-        num_heads,
-        max_kv_splits,
-        out.stride(0),
-        out.stride(1),
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_N=config.block_n,
-        MIN_SPLIT=config.min_split,
-        num_warps=4 if block_d <= 128 else 8,
+        PDL=supports_pdl(q),
     )
 
 

@@ -12,13 +12,12 @@ dtype.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from cubeserve.layers.launch import HAS_TRITON, supports_pdl
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -132,6 +131,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from cubeserve.layers.launch import allow_dependents
+
     @triton.jit
     def _rms_norm_kernel(
         X,
@@ -145,7 +146,9 @@ if HAS_TRITON:
         eps,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        allow_dependents(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -161,7 +164,8 @@ if HAS_TRITON:
         tl.store(Out + row * n_cols + cols, (w * normed).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Out, stride_x, d, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(X, Out, stride_x, d, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        allow_dependents(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
@@ -212,8 +216,10 @@ if HAS_TRITON:
         HALF: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program (token, 0) rotates the token's q heads, (token, 1) its k heads."""
+        allow_dependents(PDL)
         token = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_HALF)
         cos = tl.load(Cos + token * stride_cos + offs, mask=offs < HALF, other=0.0).to(tl.float32)
@@ -247,8 +253,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_kv_kernel(
-        KCache, VCache, Slots, K, V, stride_k, stride_v, row_size, BLOCK: tl.constexpr
+        KCache,
+        VCache,
+        Slots,
+        K,
+        V,
+        stride_k,
+        stride_v,
+        row_size,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        allow_dependents(PDL)
         token = tl.program_id(0).to(tl.int64)
         slot = tl.load(Slots + token).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -291,6 +307,7 @@ def rms_norm_triton(
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=_warps(block),
+        PDL=supports_pdl(x),
     )
     if residual is None:
         return out.view(x.shape)
@@ -303,7 +320,7 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2d.shape[0], d), dtype=gate_up.dtype, device=gate_up.device)
     block = min(triton.next_power_of_2(d), 1024)
     _silu_and_mul_kernel[(x2d.shape[0], triton.cdiv(d, block))](
-        x2d, out, x2d.stride(0), d, BLOCK=block, num_warps=_warps(block)
+        x2d, out, x2d.stride(0), d, BLOCK=block, num_warps=_warps(block), PDL=supports_pdl(x2d)
     )
     return out.view(*gate_up.shape[:-1], d)
 
@@ -337,6 +354,7 @@ def rotary_emb_triton(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         num_warps=_warps(block_h * block_half),
+        PDL=supports_pdl(q),
     )
     return out_q, out_k
 
@@ -364,4 +382,5 @@ def store_kv_triton(
         row_size,
         BLOCK=block,
         num_warps=_warps(block),
+        PDL=supports_pdl(k),
     )

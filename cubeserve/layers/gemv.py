@@ -2,18 +2,20 @@
 
 Decoding one request multiplies one activation row by every weight matrix: the step is bound by
 reading the weights once. On an H100, cuBLAS streams the Qwen2.5-7B matrices at 1.8-2.9 TB/s for
-one row. The kernel below takes 5.04 ms for all matrices of a token inside the bs-1 CUDA graph,
-where cuBLAS took 5.24 ms (isolated, 2.1 TB/s on q/k/v up to 3.15 TB/s on the LM head). A
-variant taking several rows gained little at two and lost to cuBLAS from four on, so ``linear``
-sends only single-row inputs here.
-"""
+one row. The kernel below loads a program's first weight tile before the K loop, and before
+waiting for the kernel that produces its input (it is launched with programmatic dependent
+launch, ``cubeserve.layers.launch``). A bs-1 decode step of that model in its CUDA graph takes
+5.53 ms with the tile loaded inside the loop, 5.26 ms loaded ahead, 5.19-5.28 ms with PDL too;
+its matmuls take 4.77 ms of GPU time here and took 5.24 ms with cuBLAS. A variant taking
+several rows gained little at two and lost to cuBLAS from four on, so ``linear`` sends only
+single-row inputs here."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from cubeserve.layers.fused_kernels import HAS_TRITON
+from cubeserve.layers.launch import HAS_TRITON, supports_pdl
 
 # Rows of W per program and the K step: a program streams 2 rows x 1024 columns per iteration,
 # 8 bf16 values per thread and load. In a sweep over 1-32 rows, 256-1024 columns, 2-8 warps,
@@ -49,6 +51,24 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from cubeserve.layers.launch import allow_dependents, wait_for_previous
+
+    @triton.jit
+    def _load_tile(W_ptrs, k, K, cols, EVEN_K: tl.constexpr):
+        """Columns ``k .. k + BLOCK_K`` of the program's weight rows."""
+        if EVEN_K:
+            return tl.load(W_ptrs + k, eviction_policy="evict_first")
+        in_k = k + cols < K
+        return tl.load(W_ptrs + k, mask=in_k[None, :], other=0.0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _dot_tile(acc, w, X, k, K, cols, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            x = tl.load(X + k + cols)
+        else:
+            x = tl.load(X + k + cols, mask=k + cols < K, other=0.0)
+        return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+
     @triton.jit
     def _gemv_kernel(
         X,
@@ -61,25 +81,23 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        allow_dependents(PDL)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         # The last program's surplus rows re-read row N - 1, so W loads need no mask; only the
         # store is masked.
         loaded_rows = tl.minimum(rows, N - 1)
         cols = tl.arange(0, BLOCK_K)
         w_ptrs = W + loaded_rows.to(tl.int64)[:, None] * K + cols[None, :]
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs + k, eviction_policy="evict_first")
-                x = tl.load(X + k + cols)
-            else:
-                in_k = k + cols < K
-                w = tl.load(
-                    w_ptrs + k, mask=in_k[None, :], other=0.0, eviction_policy="evict_first"
-                )
-                x = tl.load(X + k + cols, mask=in_k, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        # Weights are never written by other kernels: the first tile is loaded while the
+        # kernel producing X may still be running.
+        w = _load_tile(w_ptrs, 0, K, cols, EVEN_K)
+        wait_for_previous(PDL)
+        acc = _dot_tile(tl.zeros((BLOCK_N,), dtype=tl.float32), w, X, 0, K, cols, EVEN_K)
+        for k in range(BLOCK_K, K, BLOCK_K):
+            w = _load_tile(w_ptrs, k, K, cols, EVEN_K)
+            acc = _dot_tile(acc, w, X, k, K, cols, EVEN_K)
         if HAS_BIAS:
             acc += tl.load(Bias + loaded_rows).to(tl.float32)
         tl.store(Out + rows, acc.to(Out.dtype.element_ty), mask=rows < N)
@@ -91,6 +109,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x = x.contiguous()
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_k = min(MAX_BLOCK_K, triton.next_power_of_2(k))
+    pdl = supports_pdl(x)
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
         x,
         weight,
@@ -104,5 +123,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         BLOCK_K=block_k,
         num_warps=NUM_WARPS,
         num_stages=1,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out
