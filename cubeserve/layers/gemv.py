@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cubeserve.layers import fused_kernels
 from cubeserve.layers.launch import HAS_TRITON, supports_pdl
 
 # Rows of W per program and the K step: a program streams 2 rows x 1024 columns per iteration,
@@ -33,6 +34,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _use_gemv(x, weight):
         return gemv_triton(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linear_silu_and_mul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``silu_and_mul(linear(x, weight, bias))`` for a ``[gate | up]`` weight. For a single row
+    the GEMV applies the activation in its epilogue: one kernel instead of two, and the down
+    projection's GEMV then follows this one directly."""
+    if _use_gemv(x, weight):
+        return gemv_triton(x, weight, bias, silu_and_mul=True)
+    return fused_kernels.silu_and_mul(F.linear(x, weight, bias))
 
 
 def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -81,10 +93,14 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SILU_AND_MUL: tl.constexpr,
         PDL: tl.constexpr,
     ):
         allow_dependents(PDL)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SILU_AND_MUL:  # BLOCK_N == 2: gate row i and up row i
+            rows = tl.program_id(0) + tl.arange(0, BLOCK_N) * (N // 2)
+        else:
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         # The last program's surplus rows re-read row N - 1, so W loads need no mask; only the
         # store is masked.
         loaded_rows = tl.minimum(rows, N - 1)
@@ -100,17 +116,37 @@ if HAS_TRITON:
             acc = _dot_tile(acc, w, X, k, K, cols, EVEN_K)
         if HAS_BIAS:
             acc += tl.load(Bias + loaded_rows).to(tl.float32)
-        tl.store(Out + rows, acc.to(Out.dtype.element_ty), mask=rows < N)
+        if SILU_AND_MUL:
+            _store_silu_and_mul(Out + tl.program_id(0), acc)
+        else:
+            tl.store(Out + rows, acc.to(Out.dtype.element_ty), mask=rows < N)
+
+    @triton.jit
+    def _store_silu_and_mul(out_ptr, gate_up):
+        """``silu(gate) * up`` of ``gate_up`` = [gate, up], rounded where ``silu_and_mul`` of
+        the stored projection rounds: after the projection, after the SiLU, after the product."""
+        dtype = out_ptr.dtype.element_ty
+        gate_up = gate_up.to(dtype).to(tl.float32)
+        is_gate = tl.arange(0, 2) == 0
+        gate = tl.sum(tl.where(is_gate, gate_up, 0.0))
+        up = tl.sum(tl.where(is_gate, 0.0, gate_up))
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(out_ptr, (silu * up).to(dtype))
 
 
-def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [1, K] @ ``weight`` [N, K].T (+ ``bias`` [N]), accumulated in float32."""
+def gemv_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_and_mul: bool = False
+) -> torch.Tensor:
+    """``x`` [1, K] @ ``weight`` [N, K].T (+ ``bias`` [N]), accumulated in float32; with
+    ``silu_and_mul``, ``silu(gate) * up`` of that [gate | up] result: [1, N // 2]."""
     n, k = weight.shape
     x = x.contiguous()
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out_features = n // 2 if silu_and_mul else n
+    out = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
     block_k = min(MAX_BLOCK_K, triton.next_power_of_2(k))
     pdl = supports_pdl(x)
-    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+    grid = (out_features,) if silu_and_mul else (triton.cdiv(n, BLOCK_N),)
+    _gemv_kernel[grid](
         x,
         weight,
         bias if bias is not None else weight,  # never read without HAS_BIAS
@@ -121,6 +157,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         EVEN_K=k % block_k == 0,
         BLOCK_N=BLOCK_N,
         BLOCK_K=block_k,
+        SILU_AND_MUL=silu_and_mul,
         num_warps=NUM_WARPS,
         num_stages=1,
         PDL=pdl,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cubeserve.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
-from cubeserve.layers.gemv import linear
+from cubeserve.layers.gemv import linear, linear_silu_and_mul
 from cubeserve.models.weights import default_weight_loader, new_parameter
 
 
@@ -73,6 +73,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         rows_per_shard = [divide(size, self.tp_size) for size in self.output_sizes]
         rows = rows_per_shard[shard_id]
         return sum(rows_per_shard[:shard_id]), rows, self.tp_rank * rows
+
+
+class GateUpParallelLinear(MergedColumnParallelLinear):
+    """The fused [gate | up] projection of a gated MLP, returning ``silu(gate) * up``."""
+
+    def __init__(self, input_size: int, intermediate_size: int, bias: bool = True) -> None:
+        super().__init__(input_size, [intermediate_size, intermediate_size], bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_silu_and_mul(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

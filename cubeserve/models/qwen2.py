@@ -14,12 +14,11 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from cubeserve.engine.forward_batch import ForwardBatch
-from cubeserve.layers.activation import SiluAndMul
 from cubeserve.layers.attention import PagedAttention
 from cubeserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from cubeserve.layers.fused_kernels import rotary_emb
 from cubeserve.layers.layernorm import RMSNorm
-from cubeserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from cubeserve.layers.linear import GateUpParallelLinear, QKVParallelLinear, RowParallelLinear
 from cubeserve.layers.rotary import RotaryEmbedding
 from cubeserve.models.weights import StackedWeight, load_named_weights
 
@@ -89,14 +88,11 @@ class DecoderMLP(nn.Module):
                 f"hidden_act {config.hidden_act!r} is not supported (only silu)"
             )
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [size, size], bias=variant.mlp_bias
-        )
-        self.act = SiluAndMul()
+        self.gate_up_proj = GateUpParallelLinear(config.hidden_size, size, bias=variant.mlp_bias)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=variant.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class DecoderLayer(nn.Module):
