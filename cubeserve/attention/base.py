@@ -40,7 +40,9 @@ class AttentionBackend(ABC):
         ...
 
     @staticmethod
-    def store_kv(k: torch.Tensor, v: torch.Tensor, layer: PagedAttention, batch: ForwardBatch) -> None:
+    def store_kv(
+        k: torch.Tensor, v: torch.Tensor, layer: PagedAttention, batch: ForwardBatch
+    ) -> None:
         """Write the new tokens' K/V of ``layer`` into their slots (``batch.out_cache_loc``)."""
         shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
         batch.kv_cache.set_kv(layer.layer_id, batch.out_cache_loc, k.view(shape), v.view(shape))

@@ -5,14 +5,14 @@ On Hopper and newer GPUs a kernel launched with PDL can be scheduled while the k
 still runs, once every program of that kernel has executed ``griddepcontrol.launch_dependents``
 (or exited). Its programs then do what does not depend on that kernel and block in
 ``griddepcontrol.wait`` until it has finished and its writes are visible. In a bs-1 decode step
-every GEMV follows a short kernel (a norm, the attention merge, SiLU-and-mul): launched with PDL
-and loading its first weight tile before it waits, it starts streaming weights during that
-kernel's tail. Captured into a CUDA graph, the launches become programmatic edges.
+each GEMV follows a norm, the attention kernel or another GEMV: launched with PDL and loading
+its first weight tile before it waits, it starts streaming weights during that kernel's tail.
+Captured into a CUDA graph, the launches become programmatic edges.
 
 Measured on an H100 (Qwen2.5-7B shape, bs-1 step in the CUDA graph): 5.28 ms with plain
 launches, 5.22 ms with the GEMV launched with PDL, 5.39 ms with every kernel of the step
-launched with PDL. So only the GEMV is; the other kernels only call ``allow_dependents``.
-A kernel launched with PDL must call ``wait_for_previous`` before it reads anything an earlier
+launched with PDL. So only the GEMV is; the other Triton kernels only call
+``allow_dependents``. A kernel launched with PDL must call ``wait_for_previous`` before it reads anything an earlier
 kernel wrote and before it exits, which keeps every later kernel ordered after it.
 """
 
