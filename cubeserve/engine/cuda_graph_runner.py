@@ -22,14 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from cubeserve.engine.forward_batch import ForwardBatch, ForwardMode
+from cubeserve.mem_cache.kv_pool import PADDING_ROW, PADDING_SLOT
 
 if TYPE_CHECKING:
     from cubeserve.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-PADDING_SLOT = 0
-PADDING_ROW = 0
 
 
 def capture_batch_sizes(max_bs: int) -> list[int]:

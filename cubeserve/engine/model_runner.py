@@ -17,10 +17,16 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from cubeserve.attention.base import AttentionBackend, create_attention_backend
-from cubeserve.engine.forward_batch import ForwardBatch
+from cubeserve.engine.forward_batch import ForwardBatch, ForwardMode
 from cubeserve.engine.sampler import PendingSample, Sampler, SamplingReq
 from cubeserve.layers.fused_kernels import enable_torch_compile
-from cubeserve.mem_cache.kv_pool import KVCache, ReqToTokenPool, TokenSlotAllocator
+from cubeserve.mem_cache.kv_pool import (
+    PADDING_ROW,
+    PADDING_SLOT,
+    KVCache,
+    ReqToTokenPool,
+    TokenSlotAllocator,
+)
 from cubeserve.models.registry import ModelRegistry
 from cubeserve.models.weights import load_model
 from cubeserve.server_args import ServerArgs
@@ -97,6 +103,7 @@ class ModelRunner:
         if server_args.enable_torch_compile:
             enable_torch_compile()
         self.cuda_graph_runner = self._init_cuda_graphs()
+        self._warm_up_prefill()
         logger.info(
             "model %s on %s (%s): KV pool %d tokens, context %d, max running requests %d",
             model_cls.__name__,
@@ -151,6 +158,30 @@ class ModelRunner:
         weights = torch.cuda.memory_allocated(self.device)
         encoder_cache = encoder_cache_bytes(self.server_args, self.model)
         return min(total * fraction - weights, free - CUDA_ACTIVATION_RESERVE_BYTES) - encoder_cache
+
+    @torch.inference_mode()
+    def _warm_up_prefill(self, max_tokens: int = 16) -> None:
+        """Run one dummy prompt forward, so that the prefill path's kernels (Triton's extend
+        attention above all: ~1 s to compile on an H100) compile at start-up rather than inside
+        the first requests; decode's compile while CUDA graphs are captured. Its tokens read and
+        write only the padding slot."""
+        num_tokens = min(max_tokens, self.context_len)
+        batch = ForwardBatch(
+            mode=ForwardMode.EXTEND,
+            batch_size=1,
+            input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=self.device),
+            positions=torch.arange(num_tokens, dtype=torch.int64, device=self.device),
+            req_pool_indices=torch.tensor([PADDING_ROW], dtype=torch.int64, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            out_cache_loc=torch.full(
+                (num_tokens,), PADDING_SLOT, dtype=torch.int64, device=self.device
+            ),
+            seq_lens_cpu=[num_tokens],
+            extend_prefix_lens_cpu=[0],
+            extend_seq_lens_cpu=[num_tokens],
+            req_to_token_pool=self.req_to_token_pool,
+        )
+        self.forward(batch)
 
     def _init_cuda_graphs(self) -> CudaGraphRunner | None:
         if not use_cuda_graphs(self.device, self.server_args, self.attn_backend):

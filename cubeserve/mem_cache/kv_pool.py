@@ -1,8 +1,9 @@
 """Paged KV storage: a request -> token-slot table and per-layer K/V buffers.
 
 Pages hold one token (SGLang's default ``page_size=1``), so the radix cache can share
-prefixes at token granularity. Slot 0 is never handed out: padded batches (CUDA graphs)
-write their dummy K/V there.
+prefixes at token granularity. Slot 0 is never handed out: dummy tokens (CUDA-graph padding,
+the start-up warm-up) write their K/V there, and read through any request row they stay in
+bounds, since every ``req_to_token`` entry is a valid slot (0 where unused).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import torch
 
 from cubeserve.layers.fused_kernels import store_kv
 from cubeserve.utils import to_device
+
+PADDING_SLOT = 0
+PADDING_ROW = 0
 
 
 class ReqToTokenPool:
