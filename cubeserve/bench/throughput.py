@@ -8,7 +8,8 @@ longest output, the way ``generate`` works. Both count only the requested output
 One JSON line is printed (and appended to ``<results-dir>/throughput.jsonl`` with ``--save``)::
 
     python -m cubeserve.bench.throughput --model-path Qwen/Qwen2.5-7B-Instruct \\
-        --load-format dummy --num-prompts 512 --input-len-range 256 1024 --output-len-range 64 256 --save
+        --load-format dummy --num-prompts 512 --input-len-range 256 1024 \\
+        --output-len-range 64 256 --save
 """
 
 from __future__ import annotations
@@ -32,13 +33,42 @@ from cubeserve.bench.common import (
 from cubeserve.server_args import ServerArgs
 
 
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The requests' number and length ranges (shared with ``bench.roofline``)."""
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument(
+        "--input-len-range",
+        type=int,
+        nargs=2,
+        default=[128, 512],
+        metavar=("MIN", "MAX"),
+    )
+    parser.add_argument(
+        "--output-len-range",
+        type=int,
+        nargs=2,
+        default=[32, 128],
+        metavar=("MIN", "MAX"),
+    )
+
+
 def sample_requests(
     args: argparse.Namespace, vocab: Sequence[int]
 ) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(args.seed)
+    input_lens, output_lens = _draw_lengths(rng, args)
+    return random_prompts(rng, input_lens, vocab), output_lens
+
+
+def sample_lengths(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """The input and output lengths of ``sample_requests``' requests."""
+    return _draw_lengths(random.Random(args.seed), args)
+
+
+def _draw_lengths(rng: random.Random, args: argparse.Namespace) -> tuple[list[int], list[int]]:
     input_lens = [rng.randint(*args.input_len_range) for _ in range(args.num_prompts)]
     output_lens = [rng.randint(*args.output_len_range) for _ in range(args.num_prompts)]
-    return random_prompts(rng, input_lens, vocab), output_lens
+    return input_lens, output_lens
 
 
 def summarize(seconds: float, prompts: list[list[int]], output_lens: list[int]) -> dict[str, float]:
@@ -67,21 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_args(parser)
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument(
-        "--input-len-range",
-        type=int,
-        nargs=2,
-        default=[128, 512],
-        metavar=("MIN", "MAX"),
-    )
-    parser.add_argument(
-        "--output-len-range",
-        type=int,
-        nargs=2,
-        default=[32, 128],
-        metavar=("MIN", "MAX"),
-    )
+    add_workload_args(parser)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument(
         "--hf-num-prompts",
